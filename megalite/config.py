@@ -1,0 +1,396 @@
+"""Typed run configuration: YAML file + `--section.key=value` overrides + validation.
+
+A config is a tree of dataclasses, one per section (model, parallel, train, optim,
+data, checkpoint, log, run). `load_config` reads a YAML file (or the embedded
+defaults), applies command-line overrides, converts every value to the field's type
+and validates the combination, so that a mistake fails before any work starts with a
+`ConfigError` that names the key, the value and the fix. `resolve` fills the values
+left to "auto" (sizes from the model preset and the tokenizer) so the config written
+to the run directory is concrete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megalite.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "llama"  # llama | gpt2
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads
+    ffn_hidden_size: int = 0  # 0: llama 8/3*h rounded up to 64, gpt2 4*h
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    max_seq_len: int = 0  # 0: train.seq_len (size of gpt2's learned positions)
+    dropout: float = 0.0
+    attention: str = "auto"  # eager | sdpa | triton | auto
+    kernels: str = "auto"  # torch | triton | auto
+    tie_embeddings: str = "auto"  # true | false | auto (gpt2 ties, llama does not)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    sp: int = 1
+    sp_mode: str = "ring"  # ring | all_to_all
+    tp_sp: bool = False
+    zero: int = 0
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
+    virtual_stages: int = 1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    grad_dtype: str = "fp32"
+    recompute: str = "none"  # none | selective | full
+    seed: int = 1234
+    deterministic: bool = False
+    eval_every: int = 50  # validation every N steps (and at step 0); 0 disables
+    eval_batches: int = 4
+    guard_spike_factor: float = 0.0  # skip a step whose loss exceeds factor * running mean; 0 off
+    guard_window: int = 20  # steps in the running mean of the spike guard
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # constant | cosine | wsd
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    offload: str = "none"  # none | cpu
+
+
+@dataclass
+class DataConfig:
+    # Prepared dataset prefixes, optionally weighted: ["0.7", "a/prefix", "0.3", "b/prefix"]
+    # or plain prefixes. Empty: the embedded default corpus (Python's standard library).
+    paths: list = field(default_factory=list)
+    tokenizer: str = ""  # sentencepiece model; empty: trained on the default corpus
+    vocab_size: int = 4096  # for a tokenizer trained on the default corpus
+    corpus_max_mb: float = 8.0  # size cap of the default corpus
+    val_fraction: float = 0.02
+    cache_dir: str = "data_cache"
+    workers: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: <run.dir>/checkpoints
+    every: int = 0  # save every N steps (0: only at the end and on a stop signal)
+    every_minutes: float = 0.0
+    keep: int = 3
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    profile_steps: list = field(default_factory=list)
+    peak_tflops: float = 0.0  # dense peak per device for MFU; 0: known GPU table, absent on CPU
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # empty: runs/<config name>
+    name: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def world_size(self) -> int:
+        p = self.parallel
+        return p.tp * p.pp * p.dp * p.sp
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.train
+        return t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
+
+
+CHOICES = {
+    "model.preset": ("llama", "gpt2"),
+    "model.attention": ("eager", "sdpa", "triton", "auto"),
+    "model.kernels": ("torch", "triton", "auto"),
+    "model.tie_embeddings": ("true", "false", "auto"),
+    "parallel.sp_mode": ("ring", "all_to_all"),
+    "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.grad_dtype": ("fp32", "bf16", "fp16"),
+    "train.recompute": ("none", "selective", "full"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "optim.schedule": ("constant", "cosine", "wsd"),
+    "optim.offload": ("none", "cpu"),
+}
+
+
+def _sections() -> dict:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid: {', '.join(sorted(options))}."
+
+
+def _convert(key: str, value, typ):
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(typ, typ)
+    bad = ConfigError(f"config key '{key}' got {value!r}, which is not a valid {typ.__name__}. "
+                      f"Give a {typ.__name__} value, e.g. --{key}={_example(typ)}.")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise bad from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if typ is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [
+                v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise bad
+        return [str(v) if not isinstance(v, (int, float)) else v for v in value]
+    if typ is str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise bad
+
+
+def _example(typ) -> str:
+    return {int: "8", float: "0.001", bool: "true", str: "name", list: "[a,b]"}[typ]
+
+
+def _apply(cfg: Config, key: str, value) -> None:
+    section, _, name = key.partition(".")
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}' in '{key}'.{_closest(section, sections)}")
+    obj = getattr(cfg, section)
+    fields = {f.name: f.type for f in dataclasses.fields(obj)}
+    if name not in fields:
+        full = [f"{section}.{n}" for n in fields]
+        raise ConfigError(f"unknown config key '{key}'.{_closest(key, full)}")
+    setattr(obj, name, _convert(key, value, fields[name]))
+
+
+def _flatten(data: dict, source: str) -> list[tuple[str, object]]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections "
+                          f"(model:, train:, ...), got {type(data).__name__}.")
+    items = []
+    for section, values in data.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, "
+                              f"got {values!r}.{_closest(str(section), _sections())}")
+        items += [(f"{section}.{k}", v) for k, v in values.items()]
+    return items
+
+
+def parse_overrides(args: list[str]) -> tuple[list[tuple[str, str]], dict]:
+    """Split `--section.key=value` / `--section.key value` overrides from `--flag value` flags.
+
+    Returns (overrides in order, flags). A key given twice: the last one wins, because
+    overrides are applied in order.
+    """
+    overrides, flags, i = [], {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like "
+                              f"--section.key=value, e.g. --train.steps=100.")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"'{arg}' needs a value: write {arg}=VALUE or {arg} VALUE.")
+            value, i = args[i + 1], i + 1
+        if "." in key:
+            overrides.append((key, value))
+        else:
+            flags[key] = value
+        i += 1
+    return overrides, flags
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
+    """Load YAML (default: configs/tiny.yaml), apply overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist. Pass an existing YAML file "
+                          f"(see configs/) or none for the default.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    cfg = Config()
+    for key, value in _flatten(data, str(path)) + list(overrides):
+        _apply(cfg, key, value)
+    if not cfg.run.name:
+        cfg.run.name = path.stem
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / cfg.run.name)
+    if not cfg.checkpoint.dir:
+        cfg.checkpoint.dir = str(Path(cfg.run.dir) / "checkpoints")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from `to_dict()` output (config.yaml, checkpoint index)."""
+    cfg = Config()
+    for key, value in _flatten(data, "config"):
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Check values and combinations; raise ConfigError with the fix."""
+    for key, options in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value in options, f"config key '{key}' got '{value}'; it must be one of "
+                                 f"{', '.join(options)}.{_closest(str(value), options)}")
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    for key in ("model.hidden_size", "model.num_layers", "model.num_heads", "train.steps",
+                "train.seq_len", "train.micro_batch_size", "train.global_batch_size",
+                "parallel.tp", "parallel.pp", "parallel.dp", "parallel.sp",
+                "parallel.virtual_stages", "log.every", "checkpoint.keep"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value >= 1, f"config key '{key}' got {value}; it must be at least 1.")
+    for key in ("model.num_kv_heads", "model.ffn_hidden_size", "model.vocab_size",
+                "model.max_seq_len", "checkpoint.every", "train.eval_every",
+                "optim.warmup_steps", "train.eval_batches"):
+        section, name = key.split(".")
+        _check(getattr(getattr(cfg, section), name) >= 0,
+               f"config key '{key}' must be >= 0 (0 means automatic or off).")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
+    _check(m.hidden_size % m.num_heads == 0,
+           f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+           f"choose num_heads that divides hidden_size.")
+    kv = m.num_kv_heads or m.num_heads
+    _check(m.num_heads % kv == 0, f"model.num_heads={m.num_heads} is not a multiple of "
+                                  f"model.num_kv_heads={kv}; grouped-query attention needs it.")
+    _check(m.preset == "llama" or kv == m.num_heads,
+           "model.num_kv_heads differs from num_heads, but the gpt2 preset has no grouped-query "
+           "attention; use --model.preset=llama or drop num_kv_heads.")
+    _check((m.hidden_size // m.num_heads) % 2 == 0 or m.preset != "llama",
+           "rotary embeddings need an even head dimension (hidden_size / num_heads).")
+    _check(m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
+           f"model.max_seq_len={m.max_seq_len} is shorter than train.seq_len={t.seq_len}.")
+    per_step = t.micro_batch_size * p.dp
+    _check(t.global_batch_size % per_step == 0,
+           f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+           f"micro_batch_size * dp = {t.micro_batch_size} * {p.dp} = {per_step}; "
+           f"set it to a multiple, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}.")
+    _check(0 <= p.zero <= 3, f"parallel.zero={p.zero} must be 0, 1, 2 or 3.")
+    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
+           f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} in [0, lr].")
+    _check(o.warmup_steps <= t.steps or o.schedule == "constant",
+           f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}.")
+    _check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction must be in [0, 1].")
+    _check(o.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping).")
+    _check(t.guard_spike_factor == 0 or t.guard_spike_factor > 1,
+           "train.guard_spike_factor must be 0 (off) or > 1 (skip when loss > factor * mean).")
+    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1).")
+    if t.precision == "fp32":
+        _check(t.grad_dtype == "fp32", "train.grad_dtype must be fp32 when precision is fp32.")
+
+
+def resolve(cfg: Config, vocab_size: int, device: str) -> Config:
+    """Fill the automatic values so the written config is concrete."""
+    m = cfg.model
+    if not m.vocab_size:
+        m.vocab_size = vocab_size
+    if not m.num_kv_heads:
+        m.num_kv_heads = m.num_heads
+    if not m.ffn_hidden_size:
+        m.ffn_hidden_size = (4 * m.hidden_size if m.preset == "gpt2"
+                             else 64 * -(-int(8 * m.hidden_size / 3) // 64))
+    if not m.max_seq_len:
+        m.max_seq_len = cfg.train.seq_len
+    if m.tie_embeddings == "auto":
+        m.tie_embeddings = "true" if m.preset == "gpt2" else "false"
+    if m.kernels == "auto":
+        m.kernels = "triton" if device == "cuda" else "torch"
+    if m.attention == "auto":
+        m.attention = "triton" if m.kernels == "triton" else "sdpa"
+    if cfg.train.device == "auto":
+        cfg.train.device = device
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
