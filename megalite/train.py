@@ -1,0 +1,23 @@
+"""Per-rank entry point: `python -m megalite.train [CONFIG.yaml] [--section.key=value ...]`.
+
+`./launch.sh` starts one of these per rank under torchrun; it can also run alone.
+"""
+
+import sys
+
+from megalite.cli import parse_args, run_main
+
+
+def train_main(argv: list[str]) -> int:
+    cfg, flags = parse_args(argv, known_flags=("resume_from_checkpoint",))
+    from megalite.trainer import Trainer  # after parsing, so a bad flag fails fast
+
+    return Trainer(cfg, resume=flags.get("resume_from_checkpoint")).train()
+
+
+def main() -> int:
+    return run_main(train_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
