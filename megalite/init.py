@@ -1,0 +1,94 @@
+"""Deterministic, layout-independent parameter initialisation.
+
+Every value of a parameter depends only on (seed, the parameter's global name, its
+global shape), never on the process, the rank or the order in which tensors are
+built: this is what lets every (dp, tp, pp, sp) layout start from the same weights
+as one process (DESIGN.md "Invariants").
+
+A tensor is drawn in blocks of `BLOCK_ROWS` rows along dim 0, each block from its own
+torch.Generator seeded by a SHA-256 of (seed, name, block index) — hashlib, because
+Python's hash() of a str changes per process. A rank that holds only some rows of a
+tensor (a column-parallel weight, a vocab-parallel embedding) draws only the blocks
+it touches with `init_tensor(..., rows=...)`; one that holds some columns (a
+row-parallel weight) passes `cols=` and draws the full rows of its blocks.
+
+Rules (GPT-2 / Megatron): linear and embedding weights normal(0, std); output
+projections (o_proj, down_proj, mlp c_proj), which add into the residual stream,
+normal(0, std / sqrt(2 * num_layers)); norm weights 1; biases 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+
+BLOCK_ROWS = 64
+OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "c_proj.weight")
+
+
+def constant_value(name: str) -> float | None:
+    """The constant a parameter starts at (norm weights 1, biases 0), or None if random."""
+    if name.endswith(".bias"):
+        return 0.0
+    if name.endswith("norm.weight"):
+        return 1.0
+    return None
+
+
+def normal_std(name: str, std: float, num_layers: int) -> float:
+    """Standard deviation of a randomly initialised parameter."""
+    if name.endswith(OUTPUT_PROJECTIONS):
+        return std / math.sqrt(2 * num_layers)
+    return std
+
+
+def _block_seed(seed: int, name: str, block: int) -> int:
+    digest = hashlib.sha256(f"megalite-init/{seed}/{name}/{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def init_tensor(name: str, global_shape, rows: slice = slice(None), seed: int = 0,
+                std: float = 0.02, *, cols: slice = slice(None)) -> torch.Tensor:
+    """Rows `rows` (and columns `cols`) of the global normal(0, std) tensor `name`, fp32.
+
+    Only the row blocks that `rows` touches are drawn, so a rank builds its slice
+    without the whole tensor; the values equal the same slice of the full tensor.
+    """
+    global_shape = tuple(global_shape)
+    start, stop, step = rows.indices(global_shape[0])
+    if step != 1:
+        raise ValueError(f"init_tensor takes a contiguous row slice, got step {step}")
+    row_shape = global_shape[1:]
+    parts = []
+    for block in range(start // BLOCK_ROWS, -(-stop // BLOCK_ROWS)):
+        first = block * BLOCK_ROWS
+        size = min(BLOCK_ROWS, global_shape[0] - first)
+        generator = torch.Generator().manual_seed(_block_seed(seed, name, block))
+        values = torch.randn((size, *row_shape), generator=generator)
+        values = values[max(start, first) - first:min(stop, first + size) - first]
+        parts.append(values[:, cols] if row_shape else values)
+    if not parts:
+        return torch.empty((0, *row_shape))
+    return torch.cat(parts) * std
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int | None = None):
+    """Initialise every parameter of `model` in place from (seed, name).
+
+    Names are the model's own parameter names, which must be the global ones (a
+    pipeline stage names its layers by their global index). `num_layers` (for the
+    output-projection scaling) defaults to `model.cfg.num_layers`. A tied weight is
+    initialised once, under its first name (`embed.weight`).
+    """
+    num_layers = num_layers or model.cfg.num_layers
+    for name, param in model.named_parameters():
+        constant = constant_value(name)
+        if constant is not None:
+            param.fill_(constant)
+        else:
+            std_here = normal_std(name, std, num_layers)
+            param.copy_(init_tensor(name, param.shape, slice(None), seed, std_here))

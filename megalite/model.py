@@ -1,0 +1,242 @@
+"""The decoder-only transformer: llama and gpt2 presets, written like single-device code.
+
+- llama: RMSNorm, rotary position embeddings (Hugging Face rotate-half layout),
+  grouped-query attention, SwiGLU MLP, no biases, untied head by default.
+- gpt2: LayerNorm with bias, learned position embeddings, tanh-GELU MLP, biases
+  everywhere, head tied to the token embedding by default.
+
+Weights follow the Hugging Face LlamaForCausalLM / GPT2LMHeadModel conventions
+(nn.Linear [out, in], separate q/k/v projections), so export is a renaming; the
+exact mapping lives in megalite/hf_names.py.
+
+Parallelism hooks, so later layers change classes, not this code:
+- every projection and the embedding are built by a `layers` factory (`DenseLayers`
+  here): tensor parallelism passes one that returns column/row-parallel linears and a
+  vocab-parallel embedding. Head counts are never stored: q/k/v are reshaped with
+  the projection's own output width, so a layer holding 1/tp of the heads just works.
+- `embed`, `pos_embed`, `layers` (an nn.ModuleList), `norm` and `lm_head` are
+  separate attributes so a pipeline stage can keep a slice of them.
+- `position_ids` lets a sequence-parallel rank run its chunk of a longer sequence.
+- norms, rotary, activations, attention and the loss go through the kernel op table
+  (`kernels.get_ops`), so `model.kernels=triton` / `model.attention=triton` switch in
+  the fused kernels by config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import get_ops
+from megalite.config import ModelConfig
+
+
+class DenseLayers:
+    """Builds the single-device versions of the layers that tensor parallelism splits.
+
+    `column` layers split their output features across TP ranks (q/k/v, gate/up, c_fc,
+    lm_head), `row` layers split their input features (o_proj, down_proj, c_proj).
+    """
+
+    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
+        return nn.Embedding(num_embeddings, dim)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        # A function, not the ops module: modules cannot be deep-copied.
+        self.rms_norm = ops.rms_norm
+
+    def forward(self, x):
+        return self.rms_norm(x, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float, ops):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+        self.eps = eps
+        self.layer_norm = ops.layer_norm
+
+    def forward(self, x):
+        return self.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def make_norm(cfg: ModelConfig, ops) -> nn.Module:
+    norm = RMSNorm if cfg.preset == "llama" else LayerNorm
+    return norm(cfg.hidden_size, cfg.norm_eps, ops)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin [S, head_dim] for the given positions, in fp32 (HF rotate-half layout)."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / theta ** (exponents / head_dim)
+    freqs = torch.outer(positions.float(), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def eager_attention(q, k, v, dropout_p: float):
+    """Causal attention that materialises the S x S probabilities (memory estimator's model)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    seq = scores.shape[-1]
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(probs, dropout_p, training=dropout_p > 0) @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops):
+        super().__init__()
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        kv_width = cfg.num_kv_heads * self.head_dim
+        bias = cfg.preset == "gpt2"
+        self.q_proj = layers.column(cfg.hidden_size, cfg.hidden_size, bias)
+        self.k_proj = layers.column(cfg.hidden_size, kv_width, bias)
+        self.v_proj = layers.column(cfg.hidden_size, kv_width, bias)
+        self.o_proj = layers.row(cfg.hidden_size, cfg.hidden_size, bias)
+        self.dropout = cfg.dropout
+        self.impl = cfg.attention
+        if cfg.attention == "sdpa":
+            self.attention_op = get_ops("torch").attention
+        elif cfg.attention == "triton":
+            self.attention_op = get_ops("triton").attention
+        elif cfg.attention != "eager":
+            raise ValueError(f"model.attention={cfg.attention!r} is not resolved; "
+                             f"call config.resolve() first (eager|sdpa|triton)")
+        self.rotary = ops.rotary
+
+    def _heads(self, projected):
+        # [B, S, heads * D] -> [B, heads, S, D]; the head count comes from the width.
+        return projected.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x, rope):
+        q, k, v = (self._heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if rope is not None:
+            q, k = self.rotary(q, k, *rope)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.impl == "eager":
+            out = eager_attention(q, k, v, dropout_p)
+        elif dropout_p > 0:
+            # The op table's attention has no dropout: torch SDPA takes over while
+            # attention dropout is active (training with model.dropout > 0).
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+        else:
+            out = self.attention_op(q, k, v)
+        out = out.transpose(1, 2).flatten(2)
+        return F.dropout(self.o_proj(out), self.dropout, self.training)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops):
+        super().__init__()
+        self.gate_proj = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, False)
+        self.up_proj = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, False)
+        self.down_proj = layers.row(cfg.ffn_hidden_size, cfg.hidden_size, False)
+        self.swiglu = ops.swiglu
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        hidden = self.swiglu(self.gate_proj(x), self.up_proj(x))
+        return F.dropout(self.down_proj(hidden), self.dropout, self.training)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops):
+        super().__init__()
+        self.c_fc = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, True)
+        self.c_proj = layers.row(cfg.ffn_hidden_size, cfg.hidden_size, True)
+        self.gelu = ops.gelu
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        return F.dropout(self.c_proj(self.gelu(self.c_fc(x))), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, ops)
+        self.attn = Attention(cfg, layers, ops)
+        self.mlp_norm = make_norm(cfg, ops)
+        self.mlp = (SwiGLU if cfg.preset == "llama" else GeluMLP)(cfg, layers, ops)
+
+    def forward(self, x, rope):
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `cfg` must be resolved (config.resolve): every size concrete.
+
+    Parameters keep PyTorch's default init; call `megalite.init.init_parameters` for
+    the deterministic, layout-independent one.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers | None = None):
+        super().__init__()
+        layers = layers or DenseLayers()
+        ops = get_ops(cfg.kernels)
+        self.cfg = cfg
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.embed = layers.embedding(cfg.vocab_size, cfg.hidden_size)
+        # Learned positions are small and replicated on every TP rank: a plain embedding.
+        self.pos_embed = (nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+                          if cfg.preset == "gpt2" else None)
+        self.layers = nn.ModuleList(Block(cfg, layers, ops) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg, ops)
+        self.lm_head = layers.column(cfg.hidden_size, cfg.vocab_size, False)
+        if cfg.tie_embeddings == "true":
+            self.lm_head.weight = self.embed.weight
+        self.cross_entropy = ops.cross_entropy
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """tokens [B, S] -> logits [B, S, V], or with targets [B, S] the mean loss (fp32).
+
+        position_ids [S] default to 0..S-1; a sequence-parallel rank passes the global
+        positions of its chunk.
+        """
+        if position_ids is None:
+            if self.pos_embed is not None and tokens.shape[1] > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the "
+                                 f"learned positions (model.max_seq_len={self.cfg.max_seq_len})")
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_ids)
+            rope = None
+        else:
+            rope = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta)
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        for layer in self.layers:
+            x = layer(x, rope)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return self.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def num_params(model: nn.Module) -> int:
+    """Number of parameter elements, a tied weight counted once."""
+    return sum(p.numel() for p in model.parameters())
