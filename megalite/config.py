@@ -357,8 +357,6 @@ def validate(cfg: Config) -> None:
     _check(0 <= p.zero <= 3, f"parallel.zero={p.zero} must be 0, 1, 2 or 3.")
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} in [0, lr].")
-    _check(o.warmup_steps <= t.steps or o.schedule == "constant",
-           f"optim.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}.")
     _check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction must be in [0, 1].")
     _check(o.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping).")
     _check(t.guard_spike_factor == 0 or t.guard_spike_factor > 1,
