@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megalite.errors import CheckpointError
@@ -172,7 +172,7 @@ def load_tensors(path: str | os.PathLike, fname: str) -> dict[str, torch.Tensor]
     file = Path(path) / fname
     try:
         return load_file(str(file))
-    except (OSError, SafetensorsError) as e:
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"checkpoint file '{file}' cannot be read ({e}).") from None
 
 

@@ -1,0 +1,268 @@
+"""The training loop.
+
+`Trainer(cfg)` builds data, model, optimizer, LR schedule and step guard from a
+validated config; `train()` runs optimizer updates (steps count from 1) with gradient
+accumulation over micro-batches, global-norm clipping, the step guard, validation
+(at step 0 and every `train.eval_every` steps, on a fixed slice of the validation
+split, touching neither the training RNG nor the training sample order), metrics,
+and checkpoints every N steps / T minutes, at the end and on SIGINT/SIGTERM. A stop
+signal lets the current step finish, saves, and returns normally (exit code 0).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megalite import checkpoint as ckpt
+from megalite.config import resolve, save_yaml
+from megalite.data.build import build_data
+from megalite.data.sampler import BatchSampler
+from megalite.errors import CheckpointError, ConfigError
+from megalite.guard import StepGuard
+from megalite.init import init_parameters
+from megalite.metrics import MetricsLogger, console_line, flops_per_token, memory_stats, mfu, peak_flops
+from megalite.model import Transformer
+from megalite.optim.schedule import LRSchedule
+
+
+def pick_device(cfg) -> str:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=cpu.")
+    if cfg.train.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.train.device
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW with decoupled weight decay on matmul weights only.
+
+    Norm weights and biases (1-D) never decay; embeddings decay only with
+    optim.decay_embeddings, since decaying rarely-seen token rows shrinks them for no gain.
+    """
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        is_embedding = "embed" in name
+        (decay if p.ndim >= 2 and (o.decay_embeddings or not is_embedding) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+
+
+class StopSignal:
+    """Turns SIGINT/SIGTERM into a flag checked between steps."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg, resume: str | None = None):
+        if cfg.world_size != 1:
+            raise ConfigError(f"this build trains on one process; tp*pp*dp*sp = {cfg.world_size}. "
+                              f"Set parallel.tp/pp/dp/sp to 1.")
+        if cfg.train.precision != "fp32":
+            raise ConfigError(f"train.precision={cfg.train.precision} is not available yet; "
+                              f"use --train.precision=fp32.")
+        self.cfg = cfg
+        self.device = pick_device(cfg)
+        self.data = build_data(cfg)
+        resolve(cfg, self.data.vocab_size, self.device)
+        if cfg.model.vocab_size < self.data.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                              f"tokenizer's {self.data.vocab_size}; raise it or leave it 0.")
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(cfg.model)
+        init_parameters(self.model, cfg.train.seed, cfg.model.init_std)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = LRSchedule.from_config(cfg)
+        self.guard = StepGuard.from_config(cfg)
+        self.sampler = BatchSampler(len(self.data.train), cfg.train.global_batch_size,
+                                    cfg.train.seed)
+        self.step = 0
+        self.last_loss = None
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir)
+        self.last_saved = self.last_saved_path = None
+        if resume:
+            self.load(ckpt.resolve_checkpoint(resume, self.ckpt_dir))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, self.run_dir / "config.yaml")
+        device_name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
+        self.metrics = MetricsLogger(self.run_dir, enabled=True, device=device_name)
+        self.metrics.truncate_after(self.step)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak = peak_flops(device_name if self.device == "cuda" else None, cfg.log.peak_tflops)
+
+    # ---- one step -----------------------------------------------------------------
+    def _batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = np.stack([self.data.train[i] for i in indices])
+        tokens = torch.from_numpy(rows).to(self.device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        lr = self.schedule(self.step + 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        indices = self.sampler.next_indices()
+        mbs = cfg.train.micro_batch_size
+        micro_batches = [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in micro_batches:
+            inputs, targets = self._batch(micro)
+            # Every micro-batch has the same token count, so the mean of per-micro-batch
+            # means is the mean over the global batch: each gradient is averaged once.
+            loss = self.model(inputs, targets) / len(micro_batches)
+            loss.backward()
+            loss_sum += loss.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        loss = loss_sum.item()
+        skip = self.guard.check(loss, grad_norm)
+        if skip is None:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.last_loss = loss
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+        tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_len / step_time
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s, "step_time": step_time,
+                "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak),
+                "skipped": self.guard.skipped, "skip_reason": skip}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss over the first eval_batches micro-batches of the validation split."""
+        self.model.eval()
+        mbs, n = self.cfg.train.micro_batch_size, len(self.data.val)
+        count = min(n, self.cfg.train.eval_batches * mbs)
+        losses = []
+        for start in range(0, count, mbs):
+            rows = np.stack([self.data.val[i] for i in range(start, min(start + mbs, count))])
+            tokens = torch.from_numpy(rows).to(self.device)
+            losses.append(self.model(tokens[:, :-1], tokens[:, 1:]).item())
+        self.model.train()
+        return float(np.mean(losses))
+
+    # ---- the loop -----------------------------------------------------------------
+    def train(self) -> int:
+        cfg = self.cfg
+        print(f"[megalite] run directory: {self.run_dir}  device: {self.device}  "
+              f"params: {sum(p.numel() for p in self.model.parameters()):,}", flush=True)
+        start_step, started = self.step, time.time()
+        last_save_time = time.time()
+        with StopSignal() as stop:
+            if self.step == 0 and cfg.train.eval_every:
+                record = {"step": 0, "val_loss": self.validate(), "lr": self.schedule(1),
+                          **memory_stats(self.device)}
+                self.metrics.log(record)
+                print(console_line(record, cfg.train.steps, 0.0), flush=True)
+            while self.step < cfg.train.steps and stop.received is None:
+                record = self.train_step()
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    record["val_loss"] = self.validate()
+                if self.step % cfg.log.every == 0 or "val_loss" in record \
+                        or self.step == cfg.train.steps:
+                    record.update(memory_stats(self.device))
+                    self.metrics.log(record)
+                    print(console_line(record, cfg.train.steps, time.time() - started,
+                                       start_step), flush=True)
+                due_minutes = (cfg.checkpoint.every_minutes
+                               and time.time() - last_save_time >= 60 * cfg.checkpoint.every_minutes)
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or due_minutes:
+                    self.save()
+                    last_save_time = time.time()
+            if self.last_saved != self.step:
+                self.save()
+        if stop.received:
+            print(f"[megalite] {stop.received}: stopped cleanly after step {self.step}; resume "
+                  f"with --resume_from_checkpoint latest", flush=True)
+        print(f"[megalite] run directory: {self.run_dir}  checkpoint: {self.last_saved_path}",
+              flush=True)
+        return 0
+
+    # ---- checkpoints ---------------------------------------------------------------
+    def _named_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters())  # tied weights appear once
+
+    def save(self) -> Path:
+        params = self._named_params()
+        optim_state = {}
+        for name, p in params.items():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                optim_state[f"{name}/{key}"] = value
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
+                "sampler": self.sampler.state_dict(), "loss": self.last_loss,
+                "schedule": self.schedule.state_dict(), "guard": self.guard.state_dict(),
+                "layout": {k: getattr(self.cfg.parallel, k) for k in ("tp", "pp", "dp", "sp", "zero")},
+                "config": self.cfg.to_dict()}
+        path = ckpt.save_checkpoint(self.ckpt_dir, self.step,
+                                    {"model.safetensors": params, "optim.safetensors": optim_state,
+                                     "rng.safetensors": rng}, meta, self.cfg.checkpoint.keep)
+        self.last_saved, self.last_saved_path = self.step, path
+        return path
+
+    def load(self, path: Path) -> None:
+        """Restore everything from a checkpoint; every check runs before any state changes."""
+        index = ckpt.read_index(path)
+        params = self._named_params()
+        ckpt.check_shapes(index, "model.safetensors", {n: p.shape for n, p in params.items()},
+                          "model")
+        model_state = ckpt.load_tensors(path, "model.safetensors")
+        optim_state = ckpt.load_tensors(path, "optim.safetensors")
+        rng = ckpt.load_tensors(path, "rng.safetensors")
+        for name in {k.split("/")[0] for k in optim_state}:
+            if name not in params:
+                raise CheckpointError(f"'{path}/optim.safetensors' holds state for unknown "
+                                      f"parameter '{name}'.")
+        self.schedule.load_state_dict(index["schedule"], strict=False)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(model_state[name])
+        for name, p in params.items():
+            state = {k.split("/", 1)[1]: v for k, v in optim_state.items()
+                     if k.split("/", 1)[0] == name}
+            if state:
+                self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v
+                                           for k, v in state.items()}
+        self.sampler.load_state_dict(index["sampler"])
+        self.guard.load_state_dict(index["guard"])
+        torch.set_rng_state(rng["torch_cpu"])
+        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        self.step = index["step"]
+        self.last_loss = index["loss"]
+        self.last_saved, self.last_saved_path = self.step, path
+        print(f"[megalite] resumed from {path} at step {self.step}", flush=True)
