@@ -191,3 +191,13 @@ def check_shapes(index: dict, fname: str, expected: dict[str, torch.Size], what:
             raise CheckpointError(f"the checkpoint's {what} tensor '{name}' has shape "
                                   f"{list(stored[name])}, this model expects {list(shape)}. "
                                   f"Resume with the config the checkpoint was saved with.")
+
+
+def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, index: dict) -> None:
+    """Copy `model.safetensors` into the model's parameters after checking every shape."""
+    params = dict(model.named_parameters())  # tied weights appear once
+    check_shapes(index, "model.safetensors", {n: p.shape for n, p in params.items()}, "model")
+    state = load_tensors(path, "model.safetensors")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state[name])

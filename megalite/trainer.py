@@ -224,6 +224,7 @@ class Trainer:
             rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
                 "sampler": self.sampler.state_dict(), "loss": self.last_loss,
+                "tokenizer": str(self.data.tokenizer.path),
                 "schedule": self.schedule.state_dict(), "guard": self.guard.state_dict(),
                 "layout": {k: getattr(self.cfg.parallel, k) for k in ("tp", "pp", "dp", "sp", "zero")},
                 "config": self.cfg.to_dict()}
@@ -237,19 +238,14 @@ class Trainer:
         """Restore everything from a checkpoint; every check runs before any state changes."""
         index = ckpt.read_index(path)
         params = self._named_params()
-        ckpt.check_shapes(index, "model.safetensors", {n: p.shape for n, p in params.items()},
-                          "model")
-        model_state = ckpt.load_tensors(path, "model.safetensors")
         optim_state = ckpt.load_tensors(path, "optim.safetensors")
         rng = ckpt.load_tensors(path, "rng.safetensors")
         for name in {k.split("/")[0] for k in optim_state}:
             if name not in params:
                 raise CheckpointError(f"'{path}/optim.safetensors' holds state for unknown "
                                       f"parameter '{name}'.")
+        ckpt.load_model_weights(self.model, path, index)
         self.schedule.load_state_dict(index["schedule"], strict=False)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(model_state[name])
         for name, p in params.items():
             state = {k.split("/", 1)[1]: v for k, v in optim_state.items()
                      if k.split("/", 1)[0] == name}

@@ -157,3 +157,16 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(cache, reference, 
     assert ckpt.resolve_checkpoint("latest", root).name == "step_0000012"
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_checkpoint(str(half), root)
+
+
+def test_generate_tool_samples_from_a_run(reference):
+    args = [sys.executable, "tools/generate.py", str(reference), "--prompt", "def ",
+            "--max-new-tokens", "12", "--greedy"]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("def ") and len(first.stdout) > len("def \n")
+    again = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert again.stdout == first.stdout  # greedy decoding is deterministic
+    missing = subprocess.run([sys.executable, "tools/generate.py", str(reference / "nothing")],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
