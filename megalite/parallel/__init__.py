@@ -1,0 +1,1 @@
+"""Parallelism: collectives (comm), tensor, sequence, pipeline and data parallelism."""

@@ -1,0 +1,154 @@
+"""The rank grid and every process group, in one object passed to the code that needs it.
+
+    rank = tp_rank + tp * (sp_rank + sp * (dp_rank + dp * pp_rank))
+
+TP varies fastest so a TP group sits inside one node. Groups: tp, sp, dp, pp; dp x sp
+(gradients and optimizer shards: SP ranks hold the same weights); tp x pp (the model-
+parallel group: one full model replica); embedding (first and last pipeline stage,
+for tied embeddings). Each is a `Group`: the torch process group plus its name, size,
+this rank's index in it, and counters of the bytes its collectives move.
+
+Every process of the default group must take part in creating every group, so
+`build_topology` walks all of them in the same order on all ranks. A topology may
+cover only a prefix of the world's ranks (tests build many layouts inside one pool of
+workers); on a rank outside it `build_topology` returns None. With no process group
+initialised, every group has size 1 and collectives are no-ops.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from megalite.errors import ConfigError
+
+
+@dataclass(eq=False)
+class Group:
+    name: str
+    ranks: tuple  # global ranks, in group order
+    rank: int  # this process's index in `ranks`
+    pg: object = None  # torch ProcessGroup; None when the group has one member
+    bytes: Counter = field(default_factory=Counter)  # op name -> payload bytes (see comm.py)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass(eq=False)
+class Topology:
+    tp: int
+    sp: int
+    dp: int
+    pp: int
+    rank: int  # index in the grid
+    tp_group: Group
+    sp_group: Group
+    dp_group: Group
+    pp_group: Group
+    dp_sp_group: Group
+    model_parallel_group: Group  # tp x pp
+    embedding_group: Group
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.sp * self.dp * self.pp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank // self.tp % self.sp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // (self.tp * self.sp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.sp * self.dp)
+
+    @property
+    def groups(self) -> list[Group]:
+        return [self.tp_group, self.sp_group, self.dp_group, self.pp_group, self.dp_sp_group,
+                self.model_parallel_group, self.embedding_group]
+
+    def reset_bytes(self) -> None:
+        for g in self.groups:
+            g.bytes.clear()
+
+
+def grid_rank(tp_rank: int, sp_rank: int, dp_rank: int, pp_rank: int, tp: int, sp: int,
+              dp: int) -> int:
+    return tp_rank + tp * (sp_rank + sp * (dp_rank + dp * pp_rank))
+
+
+def _rank_lists(tp: int, sp: int, dp: int, pp: int, varying: tuple[str, ...]) -> list[list[int]]:
+    """All groups whose members differ only in the `varying` coordinates."""
+    sizes = {"tp": tp, "sp": sp, "dp": dp, "pp": pp}
+    fixed = [d for d in sizes if d not in varying]
+    lists = []
+    for fixed_coords in itertools.product(*(range(sizes[d]) for d in fixed)):
+        coords = dict(zip(fixed, fixed_coords))
+        members = []
+        # the last name in `varying` varies fastest, so group order follows the grid
+        for var_coords in itertools.product(*(range(sizes[d]) for d in reversed(varying))):
+            coords.update(zip(reversed(varying), var_coords))
+            members.append(grid_rank(coords["tp"], coords["sp"], coords["dp"], coords["pp"],
+                                     tp, sp, dp))
+        lists.append(sorted(members))
+    return lists
+
+
+def _embedding_lists(tp: int, sp: int, dp: int, pp: int) -> list[list[int]]:
+    return [sorted({members[0], members[-1]}) for members in _rank_lists(tp, sp, dp, pp, ("pp",))]
+
+
+GROUP_SHAPES = {"tp": ("tp",), "sp": ("sp",), "dp": ("dp",), "pp": ("pp",),
+                "dp_sp": ("dp", "sp"), "model_parallel": ("pp", "tp")}
+
+
+def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
+                   timeout_s: float | None = None) -> Topology | None:
+    """Create every group for this layout over global ranks 0 .. tp*sp*dp*pp - 1."""
+    size = tp * sp * dp * pp
+    initialised = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialised else 1
+    me = dist.get_rank() if initialised else 0
+    if size > world:
+        raise ConfigError(f"the layout tp*sp*dp*pp = {tp}*{sp}*{dp}*{pp} = {size} needs {size} "
+                          f"ranks but the world has {world}; launch {size} processes "
+                          f"(NPROC_PER_NODE x NNODES) or shrink the layout.")
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    mine = {}
+    shapes = dict(GROUP_SHAPES)
+    for name in [*shapes, "embedding"]:
+        lists = (_embedding_lists(tp, sp, dp, pp) if name == "embedding"
+                 else _rank_lists(tp, sp, dp, pp, shapes[name]))
+        for members in lists:
+            # size-1 groups need no process group (their collectives are no-ops); the
+            # condition is the same on every rank, so creation order stays in step
+            pg = dist.new_group(members, **kwargs) if initialised and len(members) > 1 else None
+            if me in members:
+                mine[name] = Group(name, tuple(members), members.index(me), pg)
+    if me >= size:
+        return None
+    return Topology(tp, sp, dp, pp, me, mine["tp"], mine["sp"], mine["dp"], mine["pp"],
+                    mine["dp_sp"], mine["model_parallel"], mine["embedding"])
+
+
+def destroy_topology(topo: Topology | None) -> None:
+    """Free this rank's process groups (tests build many layouts in one world)."""
+    if topo is None:
+        return
+    for g in {id(g): g for g in topo.groups}.values():
+        if g.pg is not None:
+            dist.destroy_process_group(g.pg)
+            g.pg = None

@@ -1,0 +1,98 @@
+"""Runs a function on every rank of a real gloo process group, from inside pytest.
+
+Spawning torch processes is slow (~1 s each here), so one pool of `MAX_WORLD` workers
+lives for the whole test session; each test builds the topologies it needs inside it
+(`build_topology` over the first tp*sp*dp*pp ranks; the rest return None). Call
+`run_on_ranks(fn, *args)`: `fn(*args)` runs on every worker and the list of per-rank
+results comes back; an exception on any rank fails the test with that rank's
+traceback; a hang fails after `TIMEOUT_S`. `fn` must be a module-level function.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+MAX_WORLD = 8
+TIMEOUT_S = 300
+GLOO_TIMEOUT_S = 120
+_pool = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, tasks, results):
+    torch.set_num_threads(1)
+    os.environ.pop("TRITON_INTERPRET", None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, True, fn(*args)))
+        except BaseException:  # report everything: the test decides
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results),
+                                  daemon=True) for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args):
+        for q in self.tasks:
+            q.put((fn, args))
+        out, errors = [None] * len(self.procs), []
+        for _ in self.procs:
+            try:
+                rank, ok, value = self.results.get(timeout=TIMEOUT_S)
+            except Exception:
+                self.close(force=True)
+                raise RuntimeError(f"{fn.__name__}: a rank did not answer in {TIMEOUT_S} s") from None
+            if ok:
+                out[rank] = value
+            else:
+                errors.append(f"--- rank {rank} ---\n{value}")
+        if errors:
+            raise AssertionError(f"{fn.__name__} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
+        return out
+
+    def close(self, force=False):
+        global _pool
+        for q, p in zip(self.tasks, self.procs):
+            if p.is_alive() and not force:
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=0 if force else 10)
+            if p.is_alive():
+                p.kill()
+        _pool = None
+
+
+def run_on_ranks(fn, *args):
+    global _pool
+    if _pool is None:
+        _pool = _Pool(MAX_WORLD)
+        atexit.register(lambda: _pool and _pool.close())
+    return _pool.run(fn, *args)
