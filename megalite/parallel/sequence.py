@@ -1,0 +1,307 @@
+"""The `sp` dimension: each sample's sequence is split across the SP group and attention
+is computed exactly over the whole of it (context parallelism).
+
+This is not Megatron's `tp_sp` (sequence-sharded norm/dropout regions inside the TP
+group, see comm.py); it is its own group, and the only layer that needs to see other
+ranks' tokens is attention. Two ways to do that:
+
+- `ring`: k/v chunks travel around the ring in `sp` steps while each rank attends its
+  queries to the visiting keys, merging partial results with the log-sum-exp rule.
+  Causal attention makes late tokens cost more than early ones, so the sequence is cut
+  into 2*sp chunks and rank i holds chunks i and 2*sp-1-i: every rank then does the
+  same amount of work at every step (causal load balancing). Works for any head count.
+- `all_to_all` (Ulysses): an all-to-all trades the sequence split for a head split, each
+  rank runs ordinary causal attention on sp-th of the heads over the full sequence,
+  and a second all-to-all trades back. Uses a contiguous sequence split and needs the
+  (per-TP-rank) head counts to be divisible by sp.
+
+The data path shards token ids with `shard_sequence` and the model passes
+`shard_positions` as position_ids, so RoPE / learned positions see global positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from megalite.errors import ConfigError
+from megalite.parallel import comm
+from megalite.topology import Group
+
+MODES = ("ring", "all_to_all")
+
+
+# ---------------------------------------------------------------- layout and sharding
+
+
+def check_sp_layout(seq_len: int, num_heads: int, num_kv_heads: int, sp: int, mode: str,
+                    tp: int = 1) -> None:
+    """Raise ConfigError when the sequence / heads cannot be split the way `mode` needs."""
+    if mode not in MODES:
+        raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
+    if sp == 1:
+        return
+    if mode == "ring":
+        if seq_len % (2 * sp):
+            raise ConfigError(
+                f"train.seq_len={seq_len} is not divisible by 2*parallel.sp={2 * sp}: ring "
+                f"attention cuts each sequence into 2*sp chunks for causal load balancing. "
+                f"Set train.seq_len to a multiple of {2 * sp} or change parallel.sp.")
+        return
+    if seq_len % sp:
+        raise ConfigError(f"train.seq_len={seq_len} is not divisible by parallel.sp={sp}; set "
+                          f"train.seq_len to a multiple of {sp} or change parallel.sp.")
+    for key, heads in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if heads % tp or (heads // tp) % sp:
+            raise ConfigError(
+                f"parallel.sp_mode=all_to_all splits each TP rank's heads over sp, but "
+                f"model.{key}/tp = {heads}/{tp} is not divisible by parallel.sp={sp}. "
+                f"Choose sp (and tp) dividing the head counts, or use parallel.sp_mode=ring.")
+
+
+def _chunk_order(sp_size: int, sp_rank: int, mode: str) -> tuple[int, ...]:
+    """Indices of this rank's chunks of the sequence, in local order."""
+    if mode == "ring":
+        return sp_rank, 2 * sp_size - 1 - sp_rank
+    if mode == "all_to_all":
+        return (sp_rank,)
+    raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
+
+
+def shard_sequence(x: torch.Tensor, sp_size: int, sp_rank: int, mode: str,
+                   dim: int = 1) -> torch.Tensor:
+    """This rank's tokens of `x` along `dim` (ring: chunks i and 2sp-1-i; else contiguous)."""
+    order = _chunk_order(sp_size, sp_rank, mode)
+    if sp_size == 1:
+        return x
+    n_chunks = len(order) * sp_size
+    if x.shape[dim] % n_chunks:
+        raise ConfigError(
+            f"a sequence of {x.shape[dim]} tokens cannot be split into {n_chunks} equal chunks "
+            f"for sp={sp_size}, sp_mode={mode}; make train.seq_len a multiple of {n_chunks}.")
+    chunks = x.chunk(n_chunks, dim=dim)
+    return torch.cat([chunks[i] for i in order], dim=dim)
+
+
+def shard_positions(seq_len: int, sp_size: int, sp_rank: int, mode: str) -> torch.Tensor:
+    """Global positions (LongTensor [seq_len / sp]) of this rank's tokens."""
+    return shard_sequence(torch.arange(seq_len), sp_size, sp_rank, mode, dim=0)
+
+
+def unshard_sequence(parts: list[torch.Tensor], mode: str, dim: int = 1) -> torch.Tensor:
+    """Rebuild the full sequence from every SP rank's piece, `parts[r]` from rank r."""
+    if mode not in MODES:
+        raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
+    if mode == "all_to_all" or len(parts) == 1:
+        return torch.cat(parts, dim=dim)
+    halves = [p.chunk(2, dim=dim) for p in parts]
+    # first halves are chunks 0..sp-1, second halves chunks 2sp-1 down to sp
+    return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim=dim)
+
+
+# ---------------------------------------------------------------- ring exchange
+
+
+class _RingExchange:
+    """One asynchronous hop: send `buf` to the next rank, receive the previous rank's."""
+
+    def __init__(self, buf: torch.Tensor, group: Group, tag: int):
+        self.group = group
+        self.recv = torch.empty_like(buf)
+        nxt = group.ranks[(group.rank + 1) % group.size]
+        prev = group.ranks[(group.rank - 1) % group.size]
+        ops = [dist.P2POp(dist.isend, buf, nxt, group=group.pg, tag=tag),
+               dist.P2POp(dist.irecv, self.recv, prev, group=group.pg, tag=tag)]
+        self.send = buf  # keep the send buffer alive until the hop completes
+        self.works = []
+        comm._run(group, "p2p", buf.numel() * buf.element_size(),
+                  lambda: self.works.extend(dist.batch_isend_irecv(ops)))
+
+    def wait(self) -> torch.Tensor:
+        # waiting goes through _run as well so a dead peer raises CollectiveError; the
+        # bytes were counted when the hop started
+        comm._run(self.group, "p2p", 0, lambda: [w.wait() for w in self.works])
+        return self.recv
+
+
+# k/v and the dk/dv accumulators may be in flight between the same pair at once
+_KV_TAG, _DKV_TAG = 0, 1
+
+
+# ---------------------------------------------------------------- blockwise attention
+#
+# Inside the ring, q is viewed as [B, Hkv, g, S, D] (g = Hq/Hkv query heads per kv head,
+# the repeat_interleave order of GQA), so a k/v block [B, Hkv, S, D] broadcasts over g
+# without being expanded and its gradient sums over g by itself.
+
+
+def _visibility(q_chunk: int, k_chunk: int) -> str | None:
+    if k_chunk < q_chunk:
+        return "full"
+    if k_chunk == q_chunk:
+        return "diagonal"
+    return None
+
+
+def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
+    s = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
+    if causal:
+        n = s.shape[-1]
+        future = torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1)
+        s = s.masked_fill(future, float("-inf"))
+    return s
+
+
+def _block_forward(q, k, v, causal, scale, out, lse):
+    """Attend q to one k/v block and merge into the running (out, lse), both fp32."""
+    s = _scores(q, k, causal, scale)
+    block_lse = torch.logsumexp(s, dim=-1)
+    block_out = torch.matmul(torch.exp(s - block_lse.unsqueeze(-1)), v.float().unsqueeze(2))
+    new_lse = torch.logaddexp(lse, block_lse)
+    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
+    out.add_(block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
+def _block_backward(q, k, v, dout, lse, delta, causal, scale, dq, dk, dv):
+    """Add one block's contributions to dq [.., g, c, D] and dk/dv [.., c, D] (fp32)."""
+    p = torch.exp(_scores(q, k, causal, scale) - lse.unsqueeze(-1))
+    dv.add_(torch.matmul(p.transpose(-1, -2), dout).sum(2))
+    dp = torch.matmul(dout, v.float().unsqueeze(2).transpose(-1, -2))
+    ds = p * (dp - delta.unsqueeze(-1))
+    dq.add_(torch.matmul(ds, k.float().unsqueeze(2)), alpha=scale)
+    dk.add_(torch.matmul(ds.transpose(-1, -2), q.float()).sum(2), alpha=scale)
+
+
+def _grouped(q, num_kv_heads):
+    b, hq, s, d = q.shape
+    return q.reshape(b, num_kv_heads, hq // num_kv_heads, s, d)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b, hq, s_local, d = q.shape
+        hkv = k.shape[1]
+        scale = 1.0 / math.sqrt(d)
+        qg = _grouped(q, hkv)
+        q_chunks = _chunk_order(group.size, group.rank, "ring")
+        out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        out_parts, lse_parts = out.chunk(2, dim=3), lse.chunk(2, dim=3)  # views, merged in place
+        q_parts = qg.chunk(2, dim=3)
+        kv = torch.stack([k, v])
+        for step in range(group.size):
+            hop = _RingExchange(kv, group, _KV_TAG) if step < group.size - 1 else None
+            owner = (group.rank - step) % group.size
+            for qi, q_chunk in enumerate(q_chunks):
+                for ki, k_chunk in enumerate(_chunk_order(group.size, owner, "ring")):
+                    seen = _visibility(q_chunk, k_chunk)
+                    if seen is None:
+                        continue
+                    k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
+                    _block_forward(q_parts[qi], k_blk, v_blk, seen == "diagonal", scale,
+                                   out_parts[qi], lse_parts[qi])
+            if hop is not None:
+                kv = hop.wait()
+        out = out.reshape(b, hq, s_local, d).to(q.dtype)
+        ctx.group = group
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group = ctx.group
+        b, hq, s_local, d = q.shape
+        hkv = k.shape[1]
+        scale = 1.0 / math.sqrt(d)
+        qg = _grouped(q, hkv)
+        dout_g = _grouped(dout.contiguous(), hkv).float()
+        # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): the softmax-backward correction
+        delta = (dout_g * _grouped(out, hkv).float()).sum(-1)
+        dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
+        q_chunks = _chunk_order(group.size, group.rank, "ring")
+        q_parts, dq_parts = qg.chunk(2, dim=3), dq.chunk(2, dim=3)
+        dout_parts, lse_parts, delta_parts = (t.chunk(2, dim=3) for t in (dout_g, lse, delta))
+        kv = torch.stack([k, v])
+        dkv_hop = None
+        for step in range(group.size):
+            kv_hop = _RingExchange(kv, group, _KV_TAG) if step < group.size - 1 else None
+            owner = (group.rank - step) % group.size
+            # this block's dk/dv; the owner's running sum (fp32: it collects sp partial
+            # sums, which half precision would round away) arrives meanwhile
+            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+            for qi, q_chunk in enumerate(q_chunks):
+                for ki, k_chunk in enumerate(_chunk_order(group.size, owner, "ring")):
+                    seen = _visibility(q_chunk, k_chunk)
+                    if seen is None:
+                        continue
+                    k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
+                    dk_blk, dv_blk = (t.chunk(2, dim=2)[ki] for t in dkv)
+                    _block_backward(q_parts[qi], k_blk, v_blk, dout_parts[qi], lse_parts[qi],
+                                    delta_parts[qi], seen == "diagonal", scale, dq_parts[qi],
+                                    dk_blk, dv_blk)
+            if dkv_hop is not None:
+                dkv += dkv_hop.wait()
+            if group.size > 1:
+                # after sp hops the running sum is back with the rank that owns k/v
+                dkv_hop = _RingExchange(dkv, group, _DKV_TAG)
+            if kv_hop is not None:
+                kv = kv_hop.wait()
+        if dkv_hop is not None:
+            dkv = dkv_hop.wait()
+        dq = dq.reshape(b, hq, s_local, d).to(q.dtype)
+        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group: Group):
+    """Exact causal attention over the sequence split across `sp_group` (ring layout).
+
+    q [B, Hq, S_local, D], k/v [B, Hkv, S_local, D]: this rank's two load-balanced
+    chunks as `shard_sequence(..., mode="ring")` lays them out. Hq must be a multiple
+    of Hkv. The softmax is computed in fp32; the output has q's dtype.
+    """
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"ring attention: {q.shape[1]} query heads is not a multiple of "
+                         f"{k.shape[1]} kv heads")
+    if q.shape[2] % 2:
+        raise ValueError(f"ring attention: the local sequence ({q.shape[2]} tokens) must hold "
+                         f"two equal chunks; shard it with shard_sequence(mode='ring')")
+    return _RingAttention.apply(q, k, v, sp_group)
+
+
+def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group: Group,
+                         attention_fn):
+    """Ulysses attention: trade the sequence split for a head split and back.
+
+    Inputs hold a contiguous slice of the sequence (`mode="all_to_all"`). Rank r gets
+    heads r*H/sp .. (r+1)*H/sp - 1 of q and of k/v, which keeps GQA's query-to-kv head
+    mapping intact because Hq/sp = (Hq/Hkv) * (Hkv/sp).
+    """
+    sp = sp_group.size
+    if q.shape[1] % sp or k.shape[1] % sp:
+        raise ConfigError(f"all-to-all attention needs the head counts on this rank "
+                          f"(q {q.shape[1]}, kv {k.shape[1]}) divisible by sp={sp}; use "
+                          f"parallel.sp_mode=ring or another sp.")
+    q, k, v = (comm.all_to_all(t, sp_group, scatter_dim=1, gather_dim=2) for t in (q, k, v))
+    out = attention_fn(q, k, v)
+    return comm.all_to_all(out, sp_group, scatter_dim=2, gather_dim=1)
+
+
+def sequence_attention(mode: str, sp_group: Group, attention_fn):
+    """The attention callable (q, k, v) -> out for this SP layout.
+
+    With one SP rank it is `attention_fn` itself. Ring mode computes its blocks in
+    plain torch (it needs per-block log-sum-exp), so `attention_fn` is unused there.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
+    if sp_group.size == 1:
+        return attention_fn
+    if mode == "ring":
+        return lambda q, k, v: ring_attention(q, k, v, sp_group)
+    return lambda q, k, v: all_to_all_attention(q, k, v, sp_group, attention_fn)
