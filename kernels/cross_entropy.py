@@ -1,0 +1,179 @@
+"""Cross-entropy over [N, V] logits in Triton, written for a vocab-parallel head.
+
+The loss of a row is  lse - logit[target] (+ z_loss * lse^2),  lse = log sum_v exp(logit_v).
+It is computed from three per-row pieces that each vocab shard can produce alone:
+
+    shard_stats(logits_shard, targets, vocab_start) -> (max, sum_exp, target_logit)
+
+max is the shard's largest logit, sum_exp = sum exp(logit - max) over the shard, and
+target_logit is the target's logit when the target falls in this shard, else 0.
+Shards combine them with two all-reduces over the tensor-parallel group (a MAX,
+then a SUM of the rescaled sum_exp stacked with target_logit); see
+`combine_shard_stats`. Each shard then writes its own slice of the gradient with
+`shard_grad`, which needs only the global lse.
+
+The forward pass writes the gradient (logits dtype) and the backward only scales it
+by grad_output, so the logits are read twice and the gradient written once, and
+nothing of size [N, V] in fp32 ever exists: the kernels stream each row through
+registers in blocks of the vocabulary with an online max / sum-exp. Rows go through
+in chunks of `chunk_size` tokens, which keeps every in-kernel offset small (a
+16k x 128k logits tensor has 2^31 elements) and bounds one launch.
+
+Targets equal to `ignore_index` add nothing to the loss or the gradient, and the mean
+is over the remaining tokens, as in torch.nn.functional.cross_entropy.
+"""
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from kernels._util import configs_for_device
+
+DEFAULT_CHUNK_SIZE = 8192
+
+_CONFIGS = configs_for_device(
+    [triton.Config({"BLOCK_V": 2048}, num_warps=8),
+     triton.Config({"BLOCK_V": 4096}, num_warps=8),
+     triton.Config({"BLOCK_V": 8192}, num_warps=16)],
+    # Small blocks in the interpreter so the tests walk several vocabulary blocks.
+    triton.Config({"BLOCK_V": 32}, num_warps=4))
+
+
+@triton.autotune(configs=_CONFIGS, key=["V"])
+@triton.jit
+def _shard_stats_kernel(LOGITS, TARGETS, MAX, SUM_EXP, TARGET_LOGIT, stride_row, V,
+                        vocab_start, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_row
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    local = tl.load(TARGETS + row) - vocab_start
+    in_shard = (local >= 0) & (local < V)
+    target_logit = tl.load(base + local, mask=in_shard, other=0.0).to(tl.float32)
+    tl.store(MAX + row, m)
+    tl.store(SUM_EXP + row, s)
+    tl.store(TARGET_LOGIT + row, target_logit)
+
+
+@triton.autotune(configs=_CONFIGS, key=["V"])
+@triton.jit
+def _shard_grad_kernel(LOGITS, GRAD, TARGETS, LSE, N_VALID, stride_row, stride_grad, V,
+                       vocab_start, ignore_index, z_loss, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(TARGETS + row)
+    lse = tl.load(LSE + row)
+    z_loss = tl.cast(z_loss, tl.float32)
+    # The mean over valid tokens is folded in here; backward scales by grad_output.
+    scale = tl.where(target != ignore_index, 1.0 / tl.load(N_VALID), 0.0)
+    # d(lse)/dlogit = softmax, so z_loss * lse^2 adds 2 * z_loss * lse * softmax.
+    softmax_scale = scale * (1.0 + 2.0 * z_loss * lse)
+    local = target - vocab_start
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(LOGITS + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) * softmax_scale - tl.where(cols == local, scale, 0.0)
+        tl.store(GRAD + row * stride_grad + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+def _chunks(n, chunk_size):
+    for start in range(0, n, chunk_size):
+        yield start, min(start + chunk_size, n)
+
+
+def _unit_stride_rows(logits):
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def shard_stats(logits_shard, targets, vocab_start=0, chunk_size=DEFAULT_CHUNK_SIZE):
+    """Per-row (max, sum_exp relative to max, target logit or 0), each [N] fp32."""
+    logits_shard, targets = _unit_stride_rows(logits_shard), targets.contiguous()
+    n, v = logits_shard.shape
+    stats = torch.empty((3, n), dtype=torch.float32, device=logits_shard.device)
+    for lo, hi in _chunks(n, chunk_size):
+        _shard_stats_kernel[(hi - lo,)](
+            logits_shard[lo:hi], targets[lo:hi], stats[0, lo:hi], stats[1, lo:hi],
+            stats[2, lo:hi], logits_shard.stride(0), v, vocab_start)
+    return stats[0], stats[1], stats[2]
+
+
+def combine_shard_stats(shard_max, shard_sum_exp, target_logit, group=None):
+    """Global (lse, target logit) per row: the two all-reduces of a vocab-parallel loss.
+
+    With group=None the tensors already cover the whole vocabulary.
+    """
+    if group is None:
+        return shard_max + torch.log(shard_sum_exp), target_logit
+    global_max = shard_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    sums = torch.stack([shard_sum_exp * torch.exp(shard_max - global_max), target_logit])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return global_max + torch.log(sums[0]), sums[1]
+
+
+def shard_grad(logits_shard, targets, lse, n_valid, vocab_start=0, z_loss=0.0,
+               ignore_index=-100, chunk_size=DEFAULT_CHUNK_SIZE):
+    """d(mean loss)/d(logits_shard) given the global lse; n_valid is a 1-element tensor."""
+    logits_shard, targets = _unit_stride_rows(logits_shard), targets.contiguous()
+    lse = lse.contiguous()
+    n, v = logits_shard.shape
+    grad = torch.empty((n, v), dtype=logits_shard.dtype, device=logits_shard.device)
+    n_valid = n_valid.reshape(1).to(torch.float32)
+    for lo, hi in _chunks(n, chunk_size):
+        _shard_grad_kernel[(hi - lo,)](
+            logits_shard[lo:hi], grad[lo:hi], targets[lo:hi], lse[lo:hi], n_valid,
+            logits_shard.stride(0), grad.stride(0), v, vocab_start, ignore_index,
+            float(z_loss))
+    return grad
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group, z_loss, ignore_index, chunk_size):
+        if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+            raise ValueError(f"cross_entropy needs logits [N, V] and targets [N], got "
+                             f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+        valid = targets != ignore_index
+        n_valid = valid.sum().to(torch.float32)
+        shard_max, sum_exp, target_logit = shard_stats(logits, targets, vocab_start, chunk_size)
+        lse, target_logit = combine_shard_stats(shard_max, sum_exp, target_logit, group)
+        row_loss = lse - target_logit
+        if z_loss:
+            row_loss = row_loss + z_loss * lse * lse
+        loss = torch.where(valid, row_loss, 0.0).sum() / n_valid
+        grad = shard_grad(logits, targets, lse, n_valid, vocab_start, z_loss, ignore_index,
+                          chunk_size)
+        ctx.save_for_backward(grad)
+        ctx.consumed = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.consumed:
+            raise RuntimeError("the Triton cross_entropy scales its saved gradient in "
+                               "place, so its backward can run once per forward; run the "
+                               "forward again instead of backward(retain_graph=True)")
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        # In place: a second [N, V] buffer would raise the peak memory of the head.
+        return grad.mul_(grad_loss), None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard, targets, vocab_start=0, group=None,
+                                 z_loss=0.0, ignore_index=-100,
+                                 chunk_size=DEFAULT_CHUNK_SIZE):
+    """Mean cross-entropy (fp32) of logits split along the vocabulary over `group`.
+
+    logits_shard [N, V_shard] holds global vocabulary ids vocab_start ..
+    vocab_start + V_shard - 1; targets [N] are global ids. Every rank of the group
+    returns the same loss and the gradient of its own shard.
+    """
+    return CrossEntropyFunction.apply(logits_shard, targets, int(vocab_start), group,
+                                      float(z_loss), int(ignore_index), int(chunk_size))
