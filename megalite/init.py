@@ -10,7 +10,10 @@ torch.Generator seeded by a SHA-256 of (seed, name, block index) — hashlib, be
 Python's hash() of a str changes per process. A rank that holds only some rows of a
 tensor (a column-parallel weight, a vocab-parallel embedding) draws only the blocks
 it touches with `init_tensor(..., rows=...)`; one that holds some columns (a
-row-parallel weight) passes `cols=` and draws the full rows of its blocks.
+row-parallel weight) passes `cols=` and draws the full rows of its blocks, one block
+at a time. `init_parameters` reads the metadata that `parallel.tensor` puts on every
+parameter (split dim, global shape, vocabulary padding) to find a rank's slice; pad
+rows are zero.
 
 Rules (GPT-2 / Megatron): linear and embedding weights normal(0, std); output
 projections (o_proj, down_proj, mlp c_proj), which add into the residual stream,
@@ -24,6 +27,8 @@ import math
 
 import torch
 import torch.nn as nn
+
+from megalite.parallel.tensor import local_range
 
 BLOCK_ROWS = 64
 OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "c_proj.weight")
@@ -69,10 +74,36 @@ def init_tensor(name: str, global_shape, rows: slice = slice(None), seed: int = 
         generator = torch.Generator().manual_seed(_block_seed(seed, name, block))
         values = torch.randn((size, *row_shape), generator=generator)
         values = values[max(start, first) - first:min(stop, first + size) - first]
-        parts.append(values[:, cols] if row_shape else values)
+        # contiguous() copies a column slice, so the rest of the block is freed now.
+        parts.append(values[:, cols].contiguous() if row_shape else values)
     if not parts:
         return torch.empty((0, *row_shape))
     return torch.cat(parts) * std
+
+
+def _tp_shard(module: nn.Module) -> tuple[int, int]:
+    """(rank, size) of the TP group a module's parameters are split over."""
+    group = getattr(module, "tp_group", None)
+    return (group.rank, group.size) if group is not None else (0, 1)
+
+
+def _local_values(name: str, param: nn.Parameter, tp_rank: int, tp_size: int, seed: int,
+                  std: float) -> torch.Tensor:
+    """This rank's slice of the global tensor `name`, drawing only what it needs."""
+    global_shape = tuple(getattr(param, "global_shape", param.shape))
+    split = getattr(param, "tp_split_dim", None)
+    if split is None:
+        return init_tensor(name, global_shape, slice(None), seed, std)
+    held = local_range(param, tp_rank, tp_size)
+    # Clipped to the real rows: the part in the padding stays zero.
+    real = slice(min(held.start, global_shape[split]), min(held.stop, global_shape[split]))
+    values = torch.zeros(param.shape)
+    if split == 0:
+        values[:real.stop - real.start] = init_tensor(name, global_shape, real, seed, std)
+    else:
+        values[:, :real.stop - real.start] = init_tensor(name, global_shape, slice(None), seed,
+                                                         std, cols=real)
+    return values
 
 
 @torch.no_grad()
@@ -82,13 +113,23 @@ def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int | N
     Names are the model's own parameter names, which must be the global ones (a
     pipeline stage names its layers by their global index). `num_layers` (for the
     output-projection scaling) defaults to `model.cfg.num_layers`. A tied weight is
-    initialised once, under its first name (`embed.weight`).
+    initialised once, under its first name (`embed.weight`). A parameter of a
+    tensor-parallel layer (a module with `tp_group`) gets this rank's slice of the
+    global tensor.
     """
     num_layers = num_layers or model.cfg.num_layers
-    for name, param in model.named_parameters():
-        constant = constant_value(name)
-        if constant is not None:
-            param.fill_(constant)
-        else:
-            std_here = normal_std(name, std, num_layers)
-            param.copy_(init_tensor(name, param.shape, slice(None), seed, std_here))
+    done = set()
+    for module_name, module in model.named_modules():
+        tp_rank, tp_size = _tp_shard(module)
+        for short_name, param in module.named_parameters(recurse=False):
+            if id(param) in done:
+                continue
+            done.add(id(param))
+            name = f"{module_name}.{short_name}" if module_name else short_name
+            constant = constant_value(name)
+            if constant is not None:
+                param.fill_(constant)
+            else:
+                std_here = normal_std(name, std, num_layers)
+                values = _local_values(name, param, tp_rank, tp_size, seed, std_here)
+                param.copy_(values.to(param.dtype))

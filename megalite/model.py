@@ -10,10 +10,17 @@ Weights follow the Hugging Face LlamaForCausalLM / GPT2LMHeadModel conventions
 exact mapping lives in megalite/hf_names.py.
 
 Parallelism hooks, so later layers change classes, not this code:
-- every projection and the embedding are built by a `layers` factory (`DenseLayers`
-  here): tensor parallelism passes one that returns column/row-parallel linears and a
-  vocab-parallel embedding. Head counts are never stored: q/k/v are reshaped with
-  the projection's own output width, so a layer holding 1/tp of the heads just works.
+- every projection, the embeddings and the LM head are built by a `layers` factory
+  (`DenseLayers` here): tensor parallelism passes `parallel.tensor.TensorParallelLayers`,
+  which returns column/row-parallel linears, a vocab-parallel embedding and a head
+  whose `loss` is the vocab-parallel cross-entropy and whose `full_logits` gathers the
+  vocabulary. Head counts are never stored: q/k/v are reshaped with the projection's
+  own output width, so a layer holding 1/tp of the heads just works.
+- under tp_sp the same code runs on [B, S/tp, H] between blocks: the embedding
+  reduce-scatters the sequence, learned positions are looked up for the local shard
+  only, norms and residual adds run on the shard, column layers gather it. Dropout
+  masks are drawn per rank, so only dropout 0 matches a single process exactly under
+  tensor parallelism (the parity tests run with dropout 0).
 - `embed`, `pos_embed`, `layers` (an nn.ModuleList), `norm` and `lm_head` are
   separate attributes so a pipeline stage can keep a slice of them.
 - `position_ids` lets a sequence-parallel rank run its chunk of a longer sequence.
@@ -32,6 +39,22 @@ import torch.nn.functional as F
 
 from kernels import get_ops
 from megalite.config import ModelConfig
+from megalite.parallel.sequence import sequence_attention
+from megalite.parallel.tensor import mark_replicated
+
+
+class LMHead(nn.Linear):
+    """The output projection, and the loss / logits made from its output."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, cross_entropy):
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.cross_entropy = cross_entropy
+
+    def loss(self, logits, targets):
+        return self.cross_entropy(logits, targets)
+
+    def full_logits(self, logits):
+        return logits
 
 
 class DenseLayers:
@@ -39,7 +62,12 @@ class DenseLayers:
 
     `column` layers split their output features across TP ranks (q/k/v, gate/up, c_fc,
     lm_head), `row` layers split their input features (o_proj, down_proj, c_proj).
+    `check` rejects a config the layout cannot hold; `annotate` gives every parameter
+    the metadata of `parallel.tensor` (here: all replicated).
     """
+
+    def check(self, cfg: ModelConfig) -> None:
+        pass
 
     def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
@@ -49,6 +77,15 @@ class DenseLayers:
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return nn.Embedding(num_embeddings, dim)
+
+    def position_embedding(self, num_positions: int, dim: int) -> nn.Module:
+        return nn.Embedding(num_positions, dim)
+
+    def head(self, hidden_size: int, vocab_size: int, cross_entropy) -> nn.Module:
+        return LMHead(hidden_size, vocab_size, cross_entropy)
+
+    def annotate(self, model: nn.Module) -> None:
+        mark_replicated(model)
 
 
 class RMSNorm(nn.Module):
@@ -103,7 +140,8 @@ def eager_attention(q, k, v, dropout_p: float):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops):
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops, sp_group=None,
+                 sp_mode: str = "ring"):
         super().__init__()
         self.head_dim = cfg.hidden_size // cfg.num_heads
         kv_width = cfg.num_kv_heads * self.head_dim
@@ -115,12 +153,18 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.impl = cfg.attention
         if cfg.attention == "sdpa":
-            self.attention_op = get_ops("torch").attention
+            attention_op = get_ops("torch").attention
         elif cfg.attention == "triton":
-            self.attention_op = get_ops("triton").attention
-        elif cfg.attention != "eager":
+            attention_op = get_ops("triton").attention
+        elif cfg.attention == "eager":
+            def attention_op(q, k, v):
+                return eager_attention(q, k, v, 0.0)
+        else:
             raise ValueError(f"model.attention={cfg.attention!r} is not resolved; "
                              f"call config.resolve() first (eager|sdpa|triton)")
+        # Over an sp group of several ranks: ring or all-to-all attention around the op.
+        self.attention_op = (attention_op if sp_group is None
+                             else sequence_attention(sp_mode, sp_group, attention_op))
         self.rotary = ops.rotary
 
     def _heads(self, projected):
@@ -132,11 +176,11 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = self.rotary(q, k, *rope)
         dropout_p = self.dropout if self.training else 0.0
-        if self.impl == "eager":
+        if dropout_p > 0 and self.impl == "eager":
             out = eager_attention(q, k, v, dropout_p)
         elif dropout_p > 0:
             # The op table's attention has no dropout: torch SDPA takes over while
-            # attention dropout is active (training with model.dropout > 0).
+            # attention dropout is active (rejected with sp > 1, see parallel/build.py).
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
                                                  enable_gqa=q.shape[1] != k.shape[1])
         else:
@@ -174,10 +218,11 @@ class GeluMLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops):
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops, sp_group=None,
+                 sp_mode: str = "ring"):
         super().__init__()
         self.attn_norm = make_norm(cfg, ops)
-        self.attn = Attention(cfg, layers, ops)
+        self.attn = Attention(cfg, layers, ops, sp_group, sp_mode)
         self.mlp_norm = make_norm(cfg, ops)
         self.mlp = (SwiGLU if cfg.preset == "llama" else GeluMLP)(cfg, layers, ops)
 
@@ -193,22 +238,30 @@ class Transformer(nn.Module):
     the deterministic, layout-independent one.
     """
 
-    def __init__(self, cfg: ModelConfig, layers: DenseLayers | None = None):
+    def __init__(self, cfg: ModelConfig, layers: DenseLayers | None = None, sp_group=None,
+                 sp_mode: str = "ring"):
+        """`sp_group`: the sequence-parallel group when each rank holds a chunk of every
+        sequence (`position_ids` then gives the chunk's global positions)."""
         super().__init__()
         layers = layers or DenseLayers()
+        layers.check(cfg)
         ops = get_ops(cfg.kernels)
         self.cfg = cfg
         self.head_dim = cfg.hidden_size // cfg.num_heads
         self.embed = layers.embedding(cfg.vocab_size, cfg.hidden_size)
-        # Learned positions are small and replicated on every TP rank: a plain embedding.
-        self.pos_embed = (nn.Embedding(cfg.max_seq_len, cfg.hidden_size)
+        # Learned positions are small and replicated on every TP rank.
+        self.pos_embed = (layers.position_embedding(cfg.max_seq_len, cfg.hidden_size)
                           if cfg.preset == "gpt2" else None)
-        self.layers = nn.ModuleList(Block(cfg, layers, ops) for _ in range(cfg.num_layers))
+        if sp_group is not None and sp_group.size == 1:
+            sp_group = None
+        self.layers = nn.ModuleList(Block(cfg, layers, ops, sp_group, sp_mode)
+                                    for _ in range(cfg.num_layers))
         self.norm = make_norm(cfg, ops)
-        self.lm_head = layers.column(cfg.hidden_size, cfg.vocab_size, False)
+        self.lm_head = layers.head(cfg.hidden_size, cfg.vocab_size, ops.cross_entropy)
         if cfg.tie_embeddings == "true":
+            # Same factory, same (padded) vocabulary rows per rank: the shapes agree.
             self.lm_head.weight = self.embed.weight
-        self.cross_entropy = ops.cross_entropy
+        layers.annotate(self)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None):
@@ -231,10 +284,10 @@ class Transformer(nn.Module):
         x = F.dropout(x, self.cfg.dropout, self.training)
         for layer in self.layers:
             x = layer(x, rope)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))  # [B, S, V/tp] under tensor parallelism
         if targets is None:
-            return logits
-        return self.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            return self.lm_head.full_logits(logits)
+        return self.lm_head.loss(logits.flatten(0, 1), targets.flatten())
 
 
 def num_params(model: nn.Module) -> int:
