@@ -55,6 +55,8 @@ class ParallelConfig:
     zero: int = 0
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
     virtual_stages: int = 1
+    vocab_pad_multiple: int = 1  # under tp the vocabulary pads to a multiple of tp * this
+    timeout_s: float = 600.0  # how long a collective waits before failing with its group's name
 
 
 @dataclass
@@ -325,7 +327,7 @@ def validate(cfg: Config) -> None:
     for key in ("model.hidden_size", "model.num_layers", "model.num_heads", "train.steps",
                 "train.seq_len", "train.micro_batch_size", "train.global_batch_size",
                 "parallel.tp", "parallel.pp", "parallel.dp", "parallel.sp",
-                "parallel.virtual_stages", "log.every", "checkpoint.keep"):
+                "parallel.virtual_stages", "parallel.vocab_pad_multiple", "log.every", "checkpoint.keep"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value >= 1, f"config key '{key}' got {value}; it must be at least 1.")
@@ -354,6 +356,7 @@ def validate(cfg: Config) -> None:
            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
            f"micro_batch_size * dp = {t.micro_batch_size} * {p.dp} = {per_step}; "
            f"set it to a multiple, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}.")
+    _check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be > 0 seconds.")
     _check(0 <= p.zero <= 3, f"parallel.zero={p.zero} must be 0, 1, 2 or 3.")
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} in [0, lr].")

@@ -18,25 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from megalite import checkpoint as ckpt
+from megalite import distributed
 from megalite.config import resolve, save_yaml
 from megalite.data.build import build_data
 from megalite.data.sampler import BatchSampler
 from megalite.errors import CheckpointError, ConfigError
 from megalite.guard import StepGuard
-from megalite.init import init_parameters
 from megalite.metrics import MetricsLogger, console_line, flops_per_token, memory_stats, mfu, peak_flops
-from megalite.model import Transformer
 from megalite.optim.schedule import LRSchedule
-
-
-def pick_device(cfg) -> str:
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=cpu.")
-    if cfg.train.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.train.device
+from megalite.parallel import comm
+from megalite.parallel.build import build_model, shard_batch, to_global, to_local
+from megalite.parallel.data import clip_gradients, reduce_gradients
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -76,31 +71,30 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, cfg, resume: str | None = None):
-        if cfg.world_size != 1:
-            raise ConfigError(f"this build trains on one process; tp*pp*dp*sp = {cfg.world_size}. "
-                              f"Set parallel.tp/pp/dp/sp to 1.")
+    def __init__(self, cfg, resume: str | None = None, topo=None, device: str = "cpu"):
+        """`topo`: an existing rank grid (tests build several in one world); by default
+        the process group and grid come from torchrun's environment."""
         if cfg.train.precision != "fp32":
             raise ConfigError(f"train.precision={cfg.train.precision} is not available yet; "
                               f"use --train.precision=fp32.")
         self.cfg = cfg
-        self.device = pick_device(cfg)
+        self.topo, self.device = (topo, device) if topo else distributed.setup(cfg)
+        self.main = self.topo.rank == 0
         self.data = build_data(cfg)
-        resolve(cfg, self.data.vocab_size, self.device)
+        resolve(cfg, self.data.vocab_size, self.device.split(":")[0])
         if cfg.model.vocab_size < self.data.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
                               f"tokenizer's {self.data.vocab_size}; raise it or leave it 0.")
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
-        self.model = Transformer(cfg.model)
-        init_parameters(self.model, cfg.train.seed, cfg.model.init_std)
-        self.model.to(self.device)
+        self.model = build_model(cfg, self.topo, self.device)
+        self.params = [p for p in self.model.parameters()]
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule.from_config(cfg)
         self.guard = StepGuard.from_config(cfg)
         self.sampler = BatchSampler(len(self.data.train), cfg.train.global_batch_size,
-                                    cfg.train.seed)
+                                    cfg.train.seed, self.topo.dp_rank, self.topo.dp)
         self.step = 0
         self.last_loss = None
         self.run_dir = Path(cfg.run.dir)
@@ -109,18 +103,27 @@ class Trainer:
         if resume:
             self.load(ckpt.resolve_checkpoint(resume, self.ckpt_dir))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, self.run_dir / "config.yaml")
-        device_name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
-        self.metrics = MetricsLogger(self.run_dir, enabled=True, device=device_name)
+        if self.main:
+            save_yaml(cfg, self.run_dir / "config.yaml")
+        cuda = self.device.startswith("cuda")
+        device_name = torch.cuda.get_device_name() if cuda else "cpu"
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.main, device=device_name)
         self.metrics.truncate_after(self.step)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
-        self.peak = peak_flops(device_name if self.device == "cuda" else None, cfg.log.peak_tflops)
+        peak = peak_flops(device_name if cuda else None, cfg.log.peak_tflops)
+        self.peak = peak * self.topo.world_size if peak else None
 
     # ---- one step -----------------------------------------------------------------
-    def _batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.stack([self.data.train[i] for i in indices])
+    def _batch(self, dataset, indices):
+        rows = np.stack([dataset[i] for i in indices])
         tokens = torch.from_numpy(rows).to(self.device)
-        return tokens[:, :-1], tokens[:, 1:]
+        return shard_batch(tokens, self.topo, self.cfg)
+
+    def _mean_over_replicas(self, value: torch.Tensor) -> float:
+        """Average a per-rank loss over dp x sp, so every rank logs and decides alike."""
+        value = value.detach().clone().reshape(1)
+        comm.all_reduce(value, self.topo.dp_sp_group)
+        return value.item() / self.topo.dp_sp_group.size
 
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
@@ -133,23 +136,22 @@ class Trainer:
         micro_batches = [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
         loss_sum = torch.zeros((), device=self.device)
         for micro in micro_batches:
-            inputs, targets = self._batch(micro)
+            inputs, targets, positions = self._batch(self.data.train, micro)
             # Every micro-batch has the same token count, so the mean of per-micro-batch
             # means is the mean over the global batch: each gradient is averaged once.
-            loss = self.model(inputs, targets) / len(micro_batches)
+            loss = self.model(inputs, targets, positions) / len(micro_batches)
             loss.backward()
             loss_sum += loss.detach()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-        loss = loss_sum.item()
+        reduce_gradients(self.params, self.topo)
+        grad_norm = clip_gradients(self.params, cfg.optim.clip_grad, self.topo)
+        loss = self._mean_over_replicas(loss_sum)
         skip = self.guard.check(loss, grad_norm)
         if skip is None:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.last_loss = loss
-        if self.device == "cuda":
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
         tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_len / step_time
@@ -160,17 +162,21 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean loss over the first eval_batches micro-batches of the validation split."""
+        """Mean loss over a fixed slice of the validation split, shared out over dp ranks."""
         self.model.eval()
-        mbs, n = self.cfg.train.micro_batch_size, len(self.data.val)
-        count = min(n, self.cfg.train.eval_batches * mbs)
-        losses = []
-        for start in range(0, count, mbs):
-            rows = np.stack([self.data.val[i] for i in range(start, min(start + mbs, count))])
-            tokens = torch.from_numpy(rows).to(self.device)
-            losses.append(self.model(tokens[:, :-1], tokens[:, 1:]).item())
+        mbs, dp = self.cfg.train.micro_batch_size, self.topo.dp
+        count = min(len(self.data.val), self.cfg.train.eval_batches * mbs * dp)
+        count -= count % dp  # equal shares, so the mean over ranks is the mean over samples
+        if count == 0:
+            raise ConfigError(f"the validation split has {len(self.data.val)} samples, fewer "
+                              f"than dp={dp}; lower train.seq_len or raise data.val_fraction.")
+        mine = list(range(self.topo.dp_rank, count, dp))
+        total = torch.zeros((), device=self.device)
+        for start in range(0, len(mine), mbs):
+            inputs, targets, positions = self._batch(self.data.val, mine[start:start + mbs])
+            total += self.model(inputs, targets, positions) * len(inputs)
         self.model.train()
-        return float(np.mean(losses))
+        return self._mean_over_replicas(total / len(mine))
 
     # ---- the loop -----------------------------------------------------------------
     def train(self) -> int:
@@ -185,7 +191,7 @@ class Trainer:
                           **memory_stats(self.device)}
                 self.metrics.log(record)
                 print(console_line(record, cfg.train.steps, 0.0), flush=True)
-            while self.step < cfg.train.steps and stop.received is None:
+            while self.step < cfg.train.steps and not self._agreed_stop(stop):
                 record = self.train_step()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     record["val_loss"] = self.validate()
@@ -209,28 +215,54 @@ class Trainer:
               flush=True)
         return 0
 
+    def _agreed_stop(self, stop: StopSignal) -> bool:
+        """All ranks stop together: a signal may reach only some of them."""
+        flag = torch.tensor([1.0 if stop.received else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
     # ---- checkpoints ---------------------------------------------------------------
     def _named_params(self) -> dict[str, torch.Tensor]:
         return dict(self.model.named_parameters())  # tied weights appear once
 
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """Every rank's CPU (and CUDA) RNG state; dropout streams differ per rank."""
+        states = {"torch_cpu": torch.get_rng_state()}
+        if self.device.startswith("cuda"):
+            states["torch_cuda"] = torch.cuda.get_rng_state()
+        if not dist.is_initialized():
+            return {f"{k}_rank0": v for k, v in states.items()}
+        out = {}
+        for key, state in states.items():
+            parts = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, state)
+            out.update({f"{key}_rank{r}": t for r, t in enumerate(parts)})
+        return out
+
     def save(self) -> Path:
-        params = self._named_params()
-        optim_state = {}
-        for name, p in params.items():
+        """Gather unpadded global tensors (layout-independent); global rank 0 writes them."""
+        params, optim_state = {}, {}
+        for name, p in self._named_params().items():
+            params[name] = to_global(p, p.detach(), self.topo)
             for key, value in self.optimizer.state.get(p, {}).items():
-                optim_state[f"{name}/{key}"] = value
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
-                "sampler": self.sampler.state_dict(), "loss": self.last_loss,
-                "tokenizer": str(self.data.tokenizer.path),
-                "schedule": self.schedule.state_dict(), "guard": self.guard.state_dict(),
-                "layout": {k: getattr(self.cfg.parallel, k) for k in ("tp", "pp", "dp", "sp", "zero")},
-                "config": self.cfg.to_dict()}
-        path = ckpt.save_checkpoint(self.ckpt_dir, self.step,
-                                    {"model.safetensors": params, "optim.safetensors": optim_state,
-                                     "rng.safetensors": rng}, meta, self.cfg.checkpoint.keep)
+                optim_state[f"{name}/{key}"] = value if key == "step" else to_global(p, value, self.topo)
+        rng = self._rng_states()
+        path = self.ckpt_dir / ckpt.step_dir_name(self.step)
+        if self.main:
+            meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
+                    "sampler": self.sampler.state_dict(), "loss": self.last_loss,
+                    "tokenizer": str(self.data.tokenizer.path),
+                    "schedule": self.schedule.state_dict(), "guard": self.guard.state_dict(),
+                    "layout": {k: getattr(self.cfg.parallel, k)
+                               for k in ("tp", "pp", "dp", "sp", "zero")},
+                    "config": self.cfg.to_dict()}
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, {"model.safetensors": params,
+                                           "optim.safetensors": optim_state,
+                                           "rng.safetensors": rng}, meta, self.cfg.checkpoint.keep)
+        if dist.is_initialized():
+            dist.barrier()  # nobody moves on (or exits) before the checkpoint is complete
         self.last_saved, self.last_saved_path = self.step, path
         return path
 
@@ -238,26 +270,34 @@ class Trainer:
         """Restore everything from a checkpoint; every check runs before any state changes."""
         index = ckpt.read_index(path)
         params = self._named_params()
+        ckpt.check_shapes(index, "model.safetensors",
+                          {n: tuple(getattr(p, "global_shape", p.shape)) for n, p in params.items()},
+                          "model")
+        model_state = ckpt.load_tensors(path, "model.safetensors")
         optim_state = ckpt.load_tensors(path, "optim.safetensors")
         rng = ckpt.load_tensors(path, "rng.safetensors")
         for name in {k.split("/")[0] for k in optim_state}:
             if name not in params:
                 raise CheckpointError(f"'{path}/optim.safetensors' holds state for unknown "
                                       f"parameter '{name}'.")
-        ckpt.load_model_weights(self.model, path, index)
         self.schedule.load_state_dict(index["schedule"], strict=False)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(to_local(p, model_state[name], self.topo))
         for name, p in params.items():
             state = {k.split("/", 1)[1]: v for k, v in optim_state.items()
                      if k.split("/", 1)[0] == name}
             if state:
-                self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v
-                                           for k, v in state.items()}
+                self.optimizer.state[p] = {
+                    k: v if k == "step" else to_local(p, v, self.topo).to(p.device)
+                    for k, v in state.items()}
         self.sampler.load_state_dict(index["sampler"])
         self.guard.load_state_dict(index["guard"])
-        torch.set_rng_state(rng["torch_cpu"])
-        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(cuda_states)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        own = f"_rank{rank}" if f"torch_cpu_rank{rank}" in rng else "_rank0"
+        torch.set_rng_state(rng["torch_cpu" + own])
+        if self.device.startswith("cuda") and "torch_cuda" + own in rng:
+            torch.cuda.set_rng_state(rng["torch_cuda" + own])
         self.step = index["step"]
         self.last_loss = index["loss"]
         self.last_saved, self.last_saved_path = self.step, path

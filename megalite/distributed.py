@@ -1,0 +1,95 @@
+"""Process start-up under torchrun: process group, device, topology and per-rank logs.
+
+`setup(cfg)` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), checks that
+the world matches the config's layout, starts the process group (NCCL on CUDA, gloo on
+CPU) with the configured collective timeout, builds the rank grid, and sends each
+rank's output to `<run.dir>/logs/rank_NNNNN.log` (rank 0 also keeps the console). On
+Linux each worker asks the kernel to kill it when its parent (torchrun) dies, so no
+orphan keeps a port or a GPU after the launcher is gone. Without torchrun it is one
+process with size-1 groups.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalite.errors import ConfigError
+from megalite.topology import Topology, build_topology
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+            s.flush()
+        return len(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def pick_device(cfg, local_rank: int) -> str:
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=cpu.")
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    torch.cuda.set_device(local_rank)
+    return f"cuda:{local_rank}"
+
+
+def setup(cfg) -> tuple[Topology, str]:
+    """Start this rank: returns (topology, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world != cfg.world_size:
+        raise ConfigError(f"{world} processes were started but the layout tp*pp*dp*sp is "
+                          f"{cfg.world_size}; start {cfg.world_size} (./launch.sh does) or "
+                          f"change parallel.*.")
+    device = pick_device(cfg, local_rank)
+    if "RANK" in os.environ:
+        _die_with_parent()
+        _log_to_file(cfg, rank)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+    p = cfg.parallel
+    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=p.timeout_s)
+    return topo, device
+
+
+def _log_to_file(cfg, rank: int) -> None:
+    logs = Path(cfg.run.dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = open(logs / f"rank_{rank:05d}.log", "a", buffering=1)
+    if rank == 0:
+        sys.stdout, sys.stderr = _Tee(sys.__stdout__, log), _Tee(sys.__stderr__, log)
+    else:
+        sys.stdout = sys.stderr = log
+
+
+def is_main(topo: Topology) -> bool:
+    return topo.rank == 0
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
