@@ -182,7 +182,7 @@ class Trainer:
     def train(self) -> int:
         cfg = self.cfg
         print(f"[megalite] run directory: {self.run_dir}  device: {self.device}  "
-              f"params: {sum(p.numel() for p in self.model.parameters()):,}", flush=True)
+              f"params: {self.num_params():,}", flush=True)
         start_step, started = self.step, time.time()
         last_save_time = time.time()
         with StopSignal() as stop:
@@ -214,6 +214,10 @@ class Trainer:
         print(f"[megalite] run directory: {self.run_dir}  checkpoint: {self.last_saved_path}",
               flush=True)
         return 0
+
+    def num_params(self) -> int:
+        """Parameters of the whole model (unpadded global shapes), whatever the layout."""
+        return sum(math.prod(getattr(p, "global_shape", p.shape)) for p in self.params)
 
     def _agreed_stop(self, stop: StopSignal) -> bool:
         """All ranks stop together: a signal may reach only some of them."""
