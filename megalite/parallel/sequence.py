@@ -145,6 +145,16 @@ def _visibility(q_chunk: int, k_chunk: int) -> str | None:
     return None
 
 
+def _visible_blocks(sp_size: int, sp_rank: int, owner: int):
+    """(query part, key part, diagonal?) for each pair of this rank's two query chunks
+    and the owner's two key chunks in which some key is visible to some query."""
+    for qi, q_chunk in enumerate(_chunk_order(sp_size, sp_rank, "ring")):
+        for ki, k_chunk in enumerate(_chunk_order(sp_size, owner, "ring")):
+            seen = _visibility(q_chunk, k_chunk)
+            if seen is not None:
+                yield qi, ki, seen == "diagonal"
+
+
 def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
     s = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
     if causal:
@@ -188,7 +198,6 @@ class _RingAttention(torch.autograd.Function):
         hkv = k.shape[1]
         scale = 1.0 / math.sqrt(d)
         qg = _grouped(q, hkv)
-        q_chunks = _chunk_order(group.size, group.rank, "ring")
         out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         out_parts, lse_parts = out.chunk(2, dim=3), lse.chunk(2, dim=3)  # views, merged in place
@@ -197,14 +206,10 @@ class _RingAttention(torch.autograd.Function):
         for step in range(group.size):
             hop = _RingExchange(kv, group, _KV_TAG) if step < group.size - 1 else None
             owner = (group.rank - step) % group.size
-            for qi, q_chunk in enumerate(q_chunks):
-                for ki, k_chunk in enumerate(_chunk_order(group.size, owner, "ring")):
-                    seen = _visibility(q_chunk, k_chunk)
-                    if seen is None:
-                        continue
-                    k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
-                    _block_forward(q_parts[qi], k_blk, v_blk, seen == "diagonal", scale,
-                                   out_parts[qi], lse_parts[qi])
+            for qi, ki, diagonal in _visible_blocks(group.size, group.rank, owner):
+                k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
+                _block_forward(q_parts[qi], k_blk, v_blk, diagonal, scale, out_parts[qi],
+                               lse_parts[qi])
             if hop is not None:
                 kv = hop.wait()
         out = out.reshape(b, hq, s_local, d).to(q.dtype)
@@ -224,7 +229,6 @@ class _RingAttention(torch.autograd.Function):
         # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): the softmax-backward correction
         delta = (dout_g * _grouped(out, hkv).float()).sum(-1)
         dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
-        q_chunks = _chunk_order(group.size, group.rank, "ring")
         q_parts, dq_parts = qg.chunk(2, dim=3), dq.chunk(2, dim=3)
         dout_parts, lse_parts, delta_parts = (t.chunk(2, dim=3) for t in (dout_g, lse, delta))
         kv = torch.stack([k, v])
@@ -235,16 +239,11 @@ class _RingAttention(torch.autograd.Function):
             # this block's dk/dv; the owner's running sum (fp32: it collects sp partial
             # sums, which half precision would round away) arrives meanwhile
             dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-            for qi, q_chunk in enumerate(q_chunks):
-                for ki, k_chunk in enumerate(_chunk_order(group.size, owner, "ring")):
-                    seen = _visibility(q_chunk, k_chunk)
-                    if seen is None:
-                        continue
-                    k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
-                    dk_blk, dv_blk = (t.chunk(2, dim=2)[ki] for t in dkv)
-                    _block_backward(q_parts[qi], k_blk, v_blk, dout_parts[qi], lse_parts[qi],
-                                    delta_parts[qi], seen == "diagonal", scale, dq_parts[qi],
-                                    dk_blk, dv_blk)
+            for qi, ki, diagonal in _visible_blocks(group.size, group.rank, owner):
+                k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
+                dk_blk, dv_blk = (t.chunk(2, dim=2)[ki] for t in dkv)
+                _block_backward(q_parts[qi], k_blk, v_blk, dout_parts[qi], lse_parts[qi],
+                                delta_parts[qi], diagonal, scale, dq_parts[qi], dk_blk, dv_blk)
             if dkv_hop is not None:
                 dkv += dkv_hop.wait()
             if group.size > 1:
