@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from megalite.errors import ConfigError
+from megalite.parallel.stage import layer_counts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -53,8 +54,11 @@ class ParallelConfig:
     sp_mode: str = "ring"  # ring | all_to_all
     tp_sp: bool = False
     zero: int = 0
+    bucket_mb: float = 25.0  # gradient bucket size for the dp x sp reduction (MiB)
+    overlap_grad_reduce: bool = True  # start each bucket's reduction while backward goes on
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
-    virtual_stages: int = 1
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B needs > 1)
+    stage_layers: str = ""  # explicit layers per virtual stage, e.g. "1,3"; "" splits evenly
     vocab_pad_multiple: int = 1  # under tp the vocabulary pads to a multiple of tp * this
     timeout_s: float = 600.0  # how long a collective waits before failing with its group's name
 
@@ -67,6 +71,10 @@ class TrainConfig:
     global_batch_size: int = 8
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_dtype: str = "fp32"
+    loss_scale_init_pow: int = 16  # fp16: the loss scale starts at 2**this
+    loss_scale_window: int = 1000  # fp16: steps without overflow before the scale doubles
+    loss_scale_hysteresis: int = 2  # fp16: overflows tolerated before the scale halves
+    loss_scale_min: float = 1.0  # fp16: the scale never drops below this
     recompute: str = "none"  # none | selective | full
     seed: int = 1234
     deterministic: bool = False
@@ -356,8 +364,39 @@ def validate(cfg: Config) -> None:
            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
            f"micro_batch_size * dp = {t.micro_batch_size} * {p.dp} = {per_step}; "
            f"set it to a multiple, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}.")
+    if p.pp > 1 or p.virtual_stages > 1:
+        layer_counts(m.num_layers, p.pp, p.virtual_stages, p.stage_layers)
+        micro = t.global_batch_size // per_step if t.global_batch_size % per_step == 0 else 0
+        _check(p.virtual_stages == 1 or p.schedule == "interleaved",
+               f"parallel.virtual_stages={p.virtual_stages} needs --parallel.schedule=interleaved.")
+        _check(p.schedule != "interleaved" or (p.pp > 1 and p.virtual_stages > 1),
+               "parallel.schedule=interleaved needs parallel.pp > 1 and parallel.virtual_stages > 1.")
+        _check(micro == 0 or micro >= p.pp,
+               f"{micro} micro-batches per step (global_batch_size / (micro_batch_size * dp)) "
+               f"are fewer than parallel.pp={p.pp}: a pipeline needs at least pp; raise "
+               f"train.global_batch_size or lower micro_batch_size.")
+        _check(micro == 0 or p.schedule != "interleaved" or micro % p.pp == 0,
+               f"interleaved 1F1B runs micro-batches in groups of pp: {micro} micro-batches per "
+               f"step is not a multiple of parallel.pp={p.pp}; change global_batch_size or use "
+               f"--parallel.schedule=1f1b.")
     _check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be > 0 seconds.")
     _check(0 <= p.zero <= 3, f"parallel.zero={p.zero} must be 0, 1, 2 or 3.")
+    _check(p.zero != 3 or p.pp == 1,
+           f"zero 3 with pp > 1 is not supported (parallel.pp={p.pp}); use zero 1 or 2 "
+           f"(--parallel.zero=2) with pipeline parallelism.")
+    _check(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be > 0 (MiB per gradient "
+                            f"bucket; a huge value gives one bucket).")
+    _check(0 <= t.loss_scale_init_pow <= 64,
+           f"train.loss_scale_init_pow={t.loss_scale_init_pow} must be in [0, 64] (the initial "
+           f"fp16 loss scale is 2**this; 16 is usual).")
+    _check(t.loss_scale_window >= 1, f"train.loss_scale_window={t.loss_scale_window} must be "
+                                     f">= 1 (steps without overflow before the scale doubles).")
+    _check(t.loss_scale_hysteresis >= 1,
+           f"train.loss_scale_hysteresis={t.loss_scale_hysteresis} must be >= 1 (1 halves the "
+           f"scale at every overflow).")
+    _check(0 < t.loss_scale_min <= 2.0 ** t.loss_scale_init_pow,
+           f"train.loss_scale_min={t.loss_scale_min} must be > 0 and at most the initial scale "
+           f"2**{t.loss_scale_init_pow}.")
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
            f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} in [0, lr].")
     _check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction must be in [0, 1].")

@@ -21,8 +21,9 @@ Parallelism hooks, so later layers change classes, not this code:
   only, norms and residual adds run on the shard, column layers gather it. Dropout
   masks are drawn per rank, so only dropout 0 matches a single process exactly under
   tensor parallelism (the parity tests run with dropout 0).
-- `embed`, `pos_embed`, `layers` (an nn.ModuleList), `norm` and `lm_head` are
-  separate attributes so a pipeline stage can keep a slice of them.
+- `embed`, `pos_embed`, `layers` (a `LayerDict` keyed by the global layer index),
+  `norm` and `lm_head` are separate attributes: a pipeline stage (`stage=StageSpec`)
+  builds only its own, under their global names, and `forward_chunk` runs one chunk.
 - `position_ids` lets a sequence-parallel rank run its chunk of a longer sequence.
 - norms, rotary, activations, attention and the loss go through the kernel op table
   (`kernels.get_ops`), so `model.kernels=triton` / `model.attention=triton` switch in
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from kernels import get_ops
 from megalite.config import ModelConfig
 from megalite.parallel.sequence import sequence_attention
+from megalite.parallel.stage import StageSpec
 from megalite.parallel.tensor import mark_replicated
 
 
@@ -231,6 +233,13 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LayerDict(nn.ModuleDict):
+    """Blocks keyed by their global index, so a stage's parameter names are the global ones."""
+
+    def __getitem__(self, key):
+        return super().__getitem__(str(key))
+
+
 class Transformer(nn.Module):
     """Decoder-only LM. `cfg` must be resolved (config.resolve): every size concrete.
 
@@ -239,28 +248,37 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layers: DenseLayers | None = None, sp_group=None,
-                 sp_mode: str = "ring"):
+                 sp_mode: str = "ring", stage: StageSpec | None = None):
         """`sp_group`: the sequence-parallel group when each rank holds a chunk of every
-        sequence (`position_ids` then gives the chunk's global positions)."""
+        sequence (`position_ids` then gives the chunk's global positions). `stage`: the
+        pipeline rank's share (parallel/stage.py); None builds the whole model."""
         super().__init__()
         layers = layers or DenseLayers()
         layers.check(cfg)
         ops = get_ops(cfg.kernels)
         self.cfg = cfg
+        self.stage = stage or StageSpec((tuple(range(cfg.num_layers)),), True, True)
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.embed = layers.embedding(cfg.vocab_size, cfg.hidden_size)
+        tied = cfg.tie_embeddings == "true"
+        first, last = self.stage.first, self.stage.last
+        self.embed = (layers.embedding(cfg.vocab_size, cfg.hidden_size)
+                      if first or (last and tied) else None)
         # Learned positions are small and replicated on every TP rank.
         self.pos_embed = (layers.position_embedding(cfg.max_seq_len, cfg.hidden_size)
-                          if cfg.preset == "gpt2" else None)
+                          if cfg.preset == "gpt2" and first else None)
         if sp_group is not None and sp_group.size == 1:
             sp_group = None
-        self.layers = nn.ModuleList(Block(cfg, layers, ops, sp_group, sp_mode)
-                                    for _ in range(cfg.num_layers))
-        self.norm = make_norm(cfg, ops)
-        self.lm_head = layers.head(cfg.hidden_size, cfg.vocab_size, ops.cross_entropy)
-        if cfg.tie_embeddings == "true":
+        self.layers = LayerDict({str(i): Block(cfg, layers, ops, sp_group, sp_mode)
+                                 for i in self.stage.layer_ids})
+        self.norm = make_norm(cfg, ops) if last else None
+        self.lm_head = layers.head(cfg.hidden_size, cfg.vocab_size, ops.cross_entropy) if last else None
+        if tied and last:
             # Same factory, same (padded) vocabulary rows per rank: the shapes agree.
             self.lm_head.weight = self.embed.weight
+            if not first:
+                # The last stage's copy of a weight the first stage owns: its gradient is
+                # summed over the embedding group, and norms/checkpoints count it once.
+                self.embed.weight.pipeline_tied_copy = True
         layers.annotate(self)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
@@ -268,22 +286,37 @@ class Transformer(nn.Module):
         """tokens [B, S] -> logits [B, S, V], or with targets [B, S] the mean loss (fp32).
 
         position_ids [S] default to 0..S-1; a sequence-parallel rank passes the global
-        positions of its chunk.
+        positions of its chunk. Only a model holding every layer runs this; a pipeline
+        stage runs `forward_chunk`.
         """
+        return self.forward_chunk(0, tokens, targets, position_ids)
+
+    def forward_chunk(self, chunk: int, x: torch.Tensor, targets: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None):
+        """Run local chunk `chunk`: token ids in on the first virtual stage, hidden states
+        [B, S, H] in otherwise; the loss (or logits) out of the last, hidden states otherwise."""
+        embeds = self.stage.first and chunk == 0
+        heads = self.stage.last and chunk == len(self.stage.chunks) - 1
         if position_ids is None:
-            if self.pos_embed is not None and tokens.shape[1] > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the "
+            if not embeds:
+                raise ValueError("forward_chunk on hidden states needs the position_ids of the "
+                                 "sequence (under tp_sp the hidden states hold a shard of it)")
+            seq = x.shape[1]
+            if self.pos_embed is not None and seq > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {seq} tokens is longer than the "
                                  f"learned positions (model.max_seq_len={self.cfg.max_seq_len})")
-            position_ids = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(position_ids)
-            rope = None
-        else:
-            rope = rope_tables(position_ids, self.head_dim, self.cfg.rope_theta)
-        x = F.dropout(x, self.cfg.dropout, self.training)
-        for layer in self.layers:
-            x = layer(x, rope)
+            position_ids = torch.arange(seq, device=x.device)
+        rope = (None if self.cfg.preset == "gpt2"
+                else rope_tables(position_ids, self.head_dim, self.cfg.rope_theta))
+        if embeds:
+            x = self.embed(x)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(position_ids)
+            x = F.dropout(x, self.cfg.dropout, self.training)
+        for i in self.stage.chunks[chunk]:
+            x = self.layers[i](x, rope)
+        if not heads:
+            return x
         logits = self.lm_head(self.norm(x))  # [B, S, V/tp] under tensor parallelism
         if targets is None:
             return self.lm_head.full_logits(logits)

@@ -140,6 +140,8 @@ def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
                 mine[name] = Group(name, tuple(members), members.index(me), pg)
     if me >= size:
         return None
+    # Middle pipeline stages hold no embedding: their embedding group is just themselves.
+    mine.setdefault("embedding", Group("embedding", (me,), 0, None))
     return Topology(tp, sp, dp, pp, me, mine["tp"], mine["sp"], mine["dp"], mine["pp"],
                     mine["dp_sp"], mine["model_parallel"], mine["embedding"])
 

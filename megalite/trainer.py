@@ -32,6 +32,9 @@ from megalite.optim.schedule import LRSchedule
 from megalite.parallel import comm
 from megalite.parallel.build import build_model, shard_batch, to_global, to_local
 from megalite.parallel.data import clip_gradients, reduce_gradients
+from megalite.parallel.pipeline import PipelineEngine, reduce_tied_gradients
+from megalite.parallel.stage import stage_spec
+from megalite.model import Transformer
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -90,6 +93,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.topo, self.device)
         self.params = [p for p in self.model.parameters()]
+        tp_sp_divisor = self.topo.tp if cfg.parallel.tp_sp else 1
+        self.pipeline = (PipelineEngine(self.model, self.topo, tp_sp_divisor)
+                         if self.topo.pp > 1 else None)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule.from_config(cfg)
         self.guard = StepGuard.from_config(cfg)
@@ -132,16 +138,8 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         indices = self.sampler.next_indices()
-        mbs = cfg.train.micro_batch_size
-        micro_batches = [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
-        loss_sum = torch.zeros((), device=self.device)
-        for micro in micro_batches:
-            inputs, targets, positions = self._batch(self.data.train, micro)
-            # Every micro-batch has the same token count, so the mean of per-micro-batch
-            # means is the mean over the global batch: each gradient is averaged once.
-            loss = self.model(inputs, targets, positions) / len(micro_batches)
-            loss.backward()
-            loss_sum += loss.detach()
+        micro_batches = self.micro_batches(indices)
+        loss_sum = self.forward_backward(micro_batches)
         reduce_gradients(self.params, self.topo)
         grad_norm = clip_gradients(self.params, cfg.optim.clip_grad, self.topo)
         loss = self._mean_over_replicas(loss_sum)
@@ -160,6 +158,31 @@ class Trainer:
                 "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak),
                 "skipped": self.guard.skipped, "skip_reason": skip}
 
+    def micro_batches(self, indices) -> list:
+        mbs = self.cfg.train.micro_batch_size
+        return [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
+
+    def forward_backward(self, micro_batches) -> torch.Tensor:
+        """Accumulate the gradients of the mean loss over `micro_batches` (lists of sample
+        indices); returns that loss on every rank of the pipeline."""
+        # Every micro-batch has the same token count, so the mean of per-micro-batch
+        # means is the mean over the global batch: each gradient is averaged once.
+        weight = 1.0 / len(micro_batches)
+        if self.pipeline is not None:
+            batches = [self._batch(self.data.train, micro) for micro in micro_batches]
+            loss_sum = self.pipeline.run(self.cfg.parallel.schedule, batches,
+                                         [weight] * len(batches))
+            reduce_tied_gradients(self.model, self.topo)
+            # The loss exists on the last stage only; the sum hands it to every stage.
+            return comm.all_reduce(loss_sum, self.topo.pp_group)
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in micro_batches:
+            inputs, targets, positions = self._batch(self.data.train, micro)
+            loss = self.model(inputs, targets, positions) * weight
+            loss.backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
     @torch.no_grad()
     def validate(self) -> float:
         """Mean loss over a fixed slice of the validation split, shared out over dp ranks."""
@@ -172,8 +195,12 @@ class Trainer:
                               f"than dp={dp}; lower train.seq_len or raise data.val_fraction.")
         mine = list(range(self.topo.dp_rank, count, dp))
         total = torch.zeros((), device=self.device)
-        for start in range(0, len(mine), mbs):
-            inputs, targets, positions = self._batch(self.data.val, mine[start:start + mbs])
+        batches = [self._batch(self.data.val, mine[start:start + mbs])
+                   for start in range(0, len(mine), mbs)]
+        if self.pipeline is not None:
+            total = self.pipeline.run("forward", batches, [len(b[0]) for b in batches])
+            comm.all_reduce(total, self.topo.pp_group)
+        for inputs, targets, positions in batches if self.pipeline is None else ():
             total += self.model(inputs, targets, positions) * len(inputs)
         self.model.train()
         return self._mean_over_replicas(total / len(mine))
@@ -217,7 +244,19 @@ class Trainer:
 
     def num_params(self) -> int:
         """Parameters of the whole model (unpadded global shapes), whatever the layout."""
+        if self.topo.pp > 1:
+            return sum(p.numel() for p in self._meta_model().parameters())
         return sum(math.prod(getattr(p, "global_shape", p.shape)) for p in self.params)
+
+    def _meta_model(self, pp_rank: int | None = None) -> Transformer:
+        """The single-device model (or pipeline rank `pp_rank`'s stage) on the meta
+        device: global names and unpadded global shapes, no memory."""
+        cfg = self.cfg
+        stage = (None if pp_rank is None else
+                 stage_spec(cfg.model.num_layers, self.topo.pp, cfg.parallel.virtual_stages,
+                            pp_rank, cfg.parallel.stage_layers))
+        with torch.device("meta"):
+            return Transformer(cfg.model, stage=stage)
 
     def _agreed_stop(self, stop: StopSignal) -> bool:
         """All ranks stop together: a signal may reach only some of them."""
@@ -227,8 +266,41 @@ class Trainer:
         return flag.item() > 0
 
     # ---- checkpoints ---------------------------------------------------------------
-    def _named_params(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters())  # tied weights appear once
+    def _named_params(self, owned: bool = False) -> dict[str, torch.Tensor]:
+        """Tied weights appear once; `owned` leaves out the last pipeline stage's copy of a
+        tied embedding (the first stage saves it)."""
+        return {n: p for n, p in self.model.named_parameters()
+                if not (owned and getattr(p, "pipeline_tied_copy", False))}
+
+    def _gather_stages(self, params: dict, optim_state: dict) -> None:
+        """Bring every pipeline stage's global tensors to global rank 0, which writes them.
+
+        Stage s's (tp, sp, dp) = 0 rank sends its tensors in name order with plain p2p;
+        rank 0 knows names and shapes from a meta-device copy of that stage.
+        """
+        topo = self.topo
+        lead = topo.tp_rank == 0 and topo.sp_rank == 0 and topo.dp_rank == 0
+        state_keys = sorted({k.split("/", 1)[1] for k in optim_state})
+        if lead and topo.pp_rank > 0:
+            for name in sorted(params):
+                dist.send(params[name].contiguous(), 0)
+                for key in state_keys:
+                    dist.send(optim_state[f"{name}/{key}"].contiguous(), 0)
+        elif self.main:
+            step = optim_state.get(f"{next(iter(params))}/step") if state_keys else None
+            for stage in range(1, topo.pp):
+                src = stage * topo.tp * topo.sp * topo.dp
+                stage_params = {n: p for n, p in self._meta_model(stage).named_parameters()
+                                if not getattr(p, "pipeline_tied_copy", False)}
+                for name in sorted(stage_params):
+                    shape = stage_params[name].shape
+                    params[name] = torch.empty(shape, dtype=torch.float32)
+                    dist.recv(params[name], src)
+                    for key in state_keys:
+                        buf = (torch.empty_like(step) if key == "step"
+                               else torch.empty(shape, dtype=torch.float32))
+                        dist.recv(buf, src)
+                        optim_state[f"{name}/{key}"] = buf
 
     def _rng_states(self) -> dict[str, torch.Tensor]:
         """Every rank's CPU (and CUDA) RNG state; dropout streams differ per rank."""
@@ -247,10 +319,12 @@ class Trainer:
     def save(self) -> Path:
         """Gather unpadded global tensors (layout-independent); global rank 0 writes them."""
         params, optim_state = {}, {}
-        for name, p in self._named_params().items():
+        for name, p in self._named_params(owned=True).items():
             params[name] = to_global(p, p.detach(), self.topo)
             for key, value in self.optimizer.state.get(p, {}).items():
                 optim_state[f"{name}/{key}"] = value if key == "step" else to_global(p, value, self.topo)
+        if self.topo.pp > 1:
+            self._gather_stages(params, optim_state)
         rng = self._rng_states()
         path = self.ckpt_dir / ckpt.step_dir_name(self.step)
         if self.main:
@@ -274,14 +348,16 @@ class Trainer:
         """Restore everything from a checkpoint; every check runs before any state changes."""
         index = ckpt.read_index(path)
         params = self._named_params()
+        # Every stage checks against the whole model: a checkpoint holds all stages.
+        whole = dict(self._meta_model().named_parameters()) if self.topo.pp > 1 else params
         ckpt.check_shapes(index, "model.safetensors",
-                          {n: tuple(getattr(p, "global_shape", p.shape)) for n, p in params.items()},
+                          {n: tuple(getattr(p, "global_shape", p.shape)) for n, p in whole.items()},
                           "model")
         model_state = ckpt.load_tensors(path, "model.safetensors")
         optim_state = ckpt.load_tensors(path, "optim.safetensors")
         rng = ckpt.load_tensors(path, "rng.safetensors")
         for name in {k.split("/")[0] for k in optim_state}:
-            if name not in params:
+            if name not in whole:
                 raise CheckpointError(f"'{path}/optim.safetensors' holds state for unknown "
                                       f"parameter '{name}'.")
         self.schedule.load_state_dict(index["schedule"], strict=False)

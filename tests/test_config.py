@@ -87,3 +87,27 @@ def test_train_entry_prints_message_without_traceback():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "Did you mean 'train.steps'" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ([("parallel.pp", "3")], ["num_layers=4", "pp * virtual_stages", "stage_layers"]),
+    ([("parallel.pp", "2"), ("parallel.stage_layers", "1,2")], ["stage_layers", "summing to"]),
+    ([("parallel.pp", "2"), ("parallel.stage_layers", "a,b")], ["comma-separated"]),
+    ([("parallel.pp", "2"), ("train.micro_batch_size", "16")], ["fewer than parallel.pp"]),
+    ([("parallel.pp", "2"), ("parallel.virtual_stages", "2")], ["schedule=interleaved"]),
+    ([("parallel.pp", "2"), ("parallel.schedule", "interleaved")], ["virtual_stages > 1"]),
+    ([("parallel.pp", "2"), ("parallel.schedule", "interleaved"), ("parallel.virtual_stages", "2"),
+      ("train.micro_batch_size", "2"), ("train.global_batch_size", "6"),
+      ("model.num_layers", "8")], ["not a multiple of parallel.pp"]),
+])
+def test_bad_pipeline_layouts_are_rejected(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_explicit_stage_layers_are_accepted():
+    cfg = load_config(overrides=[("parallel.pp", "2"), ("parallel.stage_layers", "1,3"),
+                                 ("train.micro_batch_size", "8")])
+    assert cfg.parallel.stage_layers == "1,3"

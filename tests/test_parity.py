@@ -48,9 +48,7 @@ def run_layout(args):
     trainer = Trainer(cfg, topo=topo)
     history = [(r["loss"], r["grad_norm"]) for r in (trainer.train_step() for _ in range(STEPS))]
     trainer.model.train()
-    for micro in [trainer.sampler.next_indices()]:
-        inputs, targets, positions = trainer._batch(trainer.data.train, micro)
-        trainer.model(inputs, targets, positions).backward()
+    trainer.forward_backward(trainer.micro_batches(trainer.sampler.next_indices()))
     reduce_gradients(trainer.params, topo)
     named = dict(trainer.model.named_parameters())
     grads = {n: to_global(q, q.grad, topo) for n, q in named.items()}
@@ -70,11 +68,13 @@ def cache(tmp_path_factory):
 _references = {}
 
 
-def reference(cache, tmp_path, preset):
-    """The single-process run (no process group: every group has size 1)."""
-    if preset not in _references:
-        _references[preset] = run_layout(config_args(cache, tmp_path / "ref", preset))
-    return _references[preset]
+def reference(cache, tmp_path, preset, shared=()):
+    """The single-process run (no process group: every group has size 1); `shared`: the
+    layout's model/train overrides, which the reference runs with too."""
+    key = (preset, *shared)
+    if key not in _references:
+        _references[key] = run_layout(config_args(cache, tmp_path / "ref", preset, shared))
+    return _references[key]
 
 
 LAYOUTS = [
@@ -91,6 +91,32 @@ LAYOUTS = [
     ("gpt2", dict(tp=2, sp=2, sp_mode="all_to_all")),
     ("llama", dict(dp=2, tp=2, sp=2, sp_mode="ring", tp_sp="true")),
 ]
+# Pipeline layouts: m micro-batches = global_batch_size / (2 * dp).
+PIPELINE_LAYOUTS = [
+    ("llama", dict(pp=2, schedule="1f1b")),  # m = 4
+    ("llama", {"pp": 2, "schedule": "gpipe", "train.global_batch_size": 10}),  # m = 5 (odd)
+    ("gpt2", dict(pp=2, schedule="1f1b")),  # tied embeddings across stages
+    ("llama", {"pp": 2, "schedule": "interleaved", "virtual_stages": 2, "model.num_layers": 4}),
+    ("llama", dict(pp=2, tp=2, dp=2, schedule="1f1b", tp_sp="true")),  # m = 2 = pp
+]
+SLOW_PIPELINE_LAYOUTS = [
+    (preset, {"pp": pp, "schedule": schedule, "model.num_layers": 8,
+              "train.global_batch_size": 2 * m, **extra})
+    for preset in ("llama", "gpt2") for pp in (2, 4) for schedule in ("gpipe", "1f1b")
+    for m in (pp, 2 * pp, pp + 1) for extra in ({}, {"tp": 2}, {"dp": 2})
+    if pp * (2 if extra else 1) <= 8 and (m * 2) % (2 * extra.get("dp", 1)) == 0
+    and m // extra.get("dp", 1) >= pp
+] + [
+    (preset, {"pp": pp, "schedule": "interleaved", "virtual_stages": 2, "model.num_layers": 8,
+              "train.global_batch_size": 2 * m, **extra})
+    for preset in ("llama", "gpt2") for pp in (2, 4) for m in (pp, 2 * pp)
+    for extra in ({}, {"tp": 2})
+    if pp * extra.get("tp", 1) <= 8
+] + [
+    ("gpt2", {"pp": 2, "tp": 2, "dp": 2, "schedule": "1f1b", "train.global_batch_size": 16}),
+    ("llama", {"pp": 2, "sp": 2, "tp": 2, "schedule": "1f1b", "sp_mode": "ring"}),
+    ("llama", {"pp": 4, "schedule": "1f1b", "model.num_layers": 8, "stage_layers": "1,3,2,2"}),
+]
 SLOW_LAYOUTS = [
     (preset, dict(tp=tp, sp=sp, sp_mode=mode, tp_sp=tp_sp))
     for preset in ("llama", "gpt2") for tp in (1, 2, 4) for sp in (1, 2, 4)
@@ -101,19 +127,25 @@ SLOW_LAYOUTS = [
 
 
 def _check(cache, tmp_path, preset, layout):
+    # keys with a section ("train.global_batch_size") change the model or batch, and the
+    # reference with them; bare keys are parallel.* layout keys
+    shared = tuple(f"--{k}={v}" for k, v in layout.items() if "." in k)
     args = config_args(cache, tmp_path / "run", preset,
-                       [f"--parallel.{k}={v}" for k, v in layout.items()])
+                       [*shared, *(f"--parallel.{k}={v}" for k, v in layout.items() if "." not in k)])
     results = run_on_ranks(run_layout, args)
-    ref_history, ref_grads, ref_params = reference(cache, tmp_path, preset)
+    ref_history, ref_grads, ref_params = reference(cache, tmp_path, preset, shared)
+    seen = set()
     for history, grads, params in (r for r in results if r is not None):
+        seen.update(grads)
         for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(history, ref_history), 1):
             assert loss == pytest.approx(ref_loss, rel=1e-5), f"loss at step {step}"
             assert norm == pytest.approx(ref_norm, rel=1e-4), f"grad norm at step {step}"
-        for name in ref_grads:
+        for name in grads:  # a pipeline stage holds its own share of the names
             torch.testing.assert_close(grads[name], ref_grads[name], rtol=2e-5, atol=2e-6,
                                        msg=lambda m: f"gradient of {name}: {m}")
             torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=1e-4,
                                        msg=lambda m: f"parameter {name}: {m}")
+    assert seen == set(ref_grads)
 
 
 @pytest.mark.parametrize("preset, layout", LAYOUTS, ids=lambda v: str(v))
@@ -121,7 +153,79 @@ def test_layout_matches_single_process(cache, tmp_path, preset, layout):
     _check(cache, tmp_path, preset, layout)
 
 
+@pytest.mark.parametrize("preset, layout", PIPELINE_LAYOUTS, ids=lambda v: str(v))
+def test_pipeline_matches_single_process(cache, tmp_path, preset, layout):
+    _check(cache, tmp_path, preset, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, layout", SLOW_PIPELINE_LAYOUTS, ids=lambda v: str(v))
+def test_pipeline_full_matrix(cache, tmp_path, preset, layout):
+    _check(cache, tmp_path, preset, layout)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, layout", SLOW_LAYOUTS, ids=lambda v: str(v))
 def test_full_matrix(cache, tmp_path, preset, layout):
     _check(cache, tmp_path, preset, layout)
+
+
+def count_live_activations(args):
+    """Stage 0's most micro-batches with saved activations at once, per schedule."""
+    out = {}
+    for schedule in ("gpipe", "1f1b"):
+        cfg, _ = parse_args([*args, f"--parallel.schedule={schedule}"])
+        topo = build_topology(pp=2, timeout_s=120)
+        if topo is None:
+            return None
+        trainer = Trainer(cfg, topo=topo)
+        trainer.train_step()
+        out[schedule] = (topo.pp_rank, trainer.pipeline.peak_live)
+        destroy_topology(topo)
+    return out
+
+
+def test_1f1b_keeps_at_most_pp_micro_batches_alive(cache, tmp_path):
+    # 8 micro-batches through 2 stages: GPipe holds all 8 on stage 0, 1F1B at most 2.
+    args = config_args(cache, tmp_path / "run", "llama",
+                       ["--parallel.pp=2", "--train.global_batch_size=16", "--train.steps=1"])
+    results = [r for r in run_on_ranks(count_live_activations, args) if r is not None]
+    stage0 = [r for r in results if r["gpipe"][0] == 0][0]
+    assert stage0["gpipe"][1] == 8
+    assert stage0["1f1b"][1] == 2
+    last = [r for r in results if r["1f1b"][0] == 1][0]
+    assert last["1f1b"][1] == 1  # the last stage runs each backward right after its forward
+
+
+def train_and_save(args, steps):
+    """Train `steps` steps, save, train one more; returns (loss of the extra step, params)."""
+    cfg, _ = parse_args(args)
+    p = cfg.parallel
+    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=120)
+    if topo is None:
+        return None
+    trainer = Trainer(cfg, topo=topo)
+    for _ in range(steps):
+        trainer.train_step()
+    trainer.save()
+    saved = {n: to_global(q, q.detach(), topo).clone() for n, q in trainer.model.named_parameters()}
+    loss = trainer.train_step()["loss"]
+    destroy_topology(topo)
+    return loss, saved
+
+
+def test_pipeline_checkpoint_loads_in_one_process(cache, tmp_path):
+    """A pp=2 x tp=2 x dp=2 checkpoint (stages gathered to rank 0) resumes in one process."""
+    # all 8 ranks: saving gathers RNG states over the whole world
+    args = config_args(cache, tmp_path / "run", "gpt2",
+                       ["--parallel.pp=2", "--parallel.tp=2", "--parallel.dp=2"])
+    results = [r for r in run_on_ranks(train_and_save, args, 1) if r is not None]
+    single, _ = parse_args(config_args(cache, tmp_path / "run", "gpt2"))
+    trainer = Trainer(single, resume="latest", topo=build_topology())
+    assert trainer.step == 1
+    named = dict(trainer.model.named_parameters())
+    for _, saved in results:
+        for name, value in saved.items():
+            torch.testing.assert_close(named[name].detach(), value, rtol=0, atol=0,
+                                       msg=lambda m: f"{name}: {m}")
+    assert trainer.train_step()["loss"] == pytest.approx(results[0][0], rel=1e-5)

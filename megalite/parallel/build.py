@@ -1,7 +1,7 @@
 """Putting a model on the rank grid: layers for this layout, batches for this rank.
 
 `build_model` picks the layer factory (dense, or tensor-parallel with tp_sp), the
-attention over the `sp` group, and initialises every parameter as this rank's slice of
+attention over the `sp` group, this pipeline rank's stage (parallel/stage.py), and initialises every parameter as this rank's slice of
 the same global tensor a single process would draw. `shard_batch` turns a batch of
 token rows into this rank's inputs, targets and global positions. `to_global` /
 `to_local` convert a parameter-shaped tensor between this rank's shard and the
@@ -16,6 +16,7 @@ from megalite.errors import ConfigError
 from megalite.init import init_parameters
 from megalite.model import DenseLayers, Transformer
 from megalite.parallel import sequence, tensor
+from megalite.parallel.stage import stage_spec
 from megalite.topology import Topology
 
 
@@ -31,7 +32,9 @@ def build_model(cfg, topo: Topology, device: str) -> Transformer:
         raise ConfigError(f"model.dropout={m.dropout} with parallel.sp={topo.sp}: attention "
                           f"dropout across a split sequence is not supported; set "
                           f"--model.dropout=0 or --parallel.sp=1.")
-    model = Transformer(m, layers=layers, sp_group=topo.sp_group, sp_mode=p.sp_mode)
+    stage = (stage_spec(m.num_layers, topo.pp, p.virtual_stages, topo.pp_rank, p.stage_layers)
+             if topo.pp > 1 else None)
+    model = Transformer(m, layers=layers, sp_group=topo.sp_group, sp_mode=p.sp_mode, stage=stage)
     init_parameters(model, cfg.train.seed, m.init_std)
     return model.to(device)
 

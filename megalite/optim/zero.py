@@ -1,0 +1,523 @@
+"""The ZeRO sharded AdamW optimizer (stages 0-3), mixed precision and CPU offload.
+
+`ZeroOptimizer(model, cfg, topo)` takes over a built, initialised model: it moves every
+parameter into flat buffers laid out by `parallel.data.BucketLayout` (reverse
+registration order, buckets of `parallel.bucket_mb`, each padded to a multiple of
+dp*sp*ALIGN elements so it splits into equal chunks, rank r owning chunk r of every
+bucket), casts the parameters to `train.precision` and keeps the fp32 master copy
+itself, so build it after the model is initialised and on its device, and never call
+`model.to()` afterwards. Over the dp x sp group of N ranks (`parallel.zero`):
+
+    stage  parameters (model dtype)  gradients          fp32 master + Adam moments
+    0      full, all-reduced         full (grad_dtype)  full
+    1      full                      full (grad_dtype)  this rank's chunks, params all-gathered
+                                     reduce-scattered once per step
+    2      full                      fp32 shard         this rank's chunks, params all-gathered
+    3      shard (gathered per layer) fp32 shard        this rank's chunks
+
+Stage 3 gathers each transformer block's parameters just before its forward (the next
+block's gather is prefetched) and frees them after; the gradient of the block's
+output re-gathers them for backward (prefetching the block before it), and they are
+freed as soon as the block's gradients are all in. The other parameters (embedding,
+final norm, head) form one unit, gathered for the whole forward and backward. Stage 3
+with pp > 1 is rejected. `optim.offload: cpu` keeps master weights and moments in
+(pinned, where CUDA exists) CPU memory and runs the AdamW step there.
+
+AdamW is torch.optim.AdamW's (decoupled decay, bias correction; kernels/adamw.py:
+the Triton kernel on CUDA, its torch reference elsewhere), with the trainer's decay
+rule: no decay on 1-D parameters nor on names containing "embed" unless
+optim.decay_embeddings. All parameters share one step counter; a skipped step does
+not count.
+
+The optimizer owns every gradient reduction (parallel/data.py): over dp x sp
+(averaging), over TP for `sequence_parallel_grad` parameters, and over the embedding
+group for a tied embedding across pipeline stages, so the trainer calls neither
+`reduce_gradients` nor `reduce_tied_gradients` nor `clip_gradients`. Parameters never
+hold a `.grad`: a hook moves each gradient into the bucket as soon as it is computed.
+
+The trainer's step:
+
+    opt.zero_grad()
+    for i, micro in enumerate(micro_batches):
+        with opt.micro_batch(is_last=(i == len(micro_batches) - 1)):
+            loss = model(inputs, targets, positions) * weight
+            opt.scale_loss(loss).backward()            # fp16: times the loss scale
+    grad_norm, found_inf = opt.prepare_step()          # same values on every rank
+    if found_inf or guard says skip:
+        opt.skip()
+    else:
+        opt.step(lr)                                   # clips at optim.clip_grad
+
+`micro_batch(is_last)` only tells ZeRO 0/1 when to start the overlapped all-reduce;
+without it (the pipeline engine's backwards) everything is reduced in `prepare_step`,
+which is correct, just not overlapped. Checkpoints: `state_tensors()` returns
+per-parameter global tensors "name/exp_avg", "name/exp_avg_sq", "name/step" (and
+"name/master", the fp32 master, when the model is bf16/fp16), gathered over dp x sp
+and TP; `load_state_tensors(tensors, params)` slices them back for this layout
+(`params`: the checkpoint's global model tensors, required under ZeRO 3).
+`param_tensors()` gives the global model parameters (ZeRO 3 gathers them).
+`memory_report()` gives this rank's bytes next to the ZeRO paper's formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from megalite.errors import CheckpointError, ConfigError
+from megalite.optim.scaler import DynamicLossScaler
+from megalite.parallel import comm
+from megalite.parallel.build import to_global, to_local
+from megalite.parallel.data import (ALIGN, BucketLayout, GradBuffer, _Pending, all_gather_async,
+                                    clip_coefficient, counts_in_norm)
+from megalite.topology import Topology
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _adamw_kernel(device: torch.device):
+    if device.type == "cuda":
+        from kernels.adamw import adamw_step
+        return adamw_step
+    from kernels.adamw import adamw_step_reference
+    return adamw_step_reference
+
+
+def _tied_embedding(model, topo: Topology) -> tuple:
+    """The embedding weight whose copies on the first and last stage are summed."""
+    cfg, embed = getattr(model, "cfg", None), getattr(model, "embed", None)
+    if topo.embedding_group.size == 1 or embed is None:
+        return ()
+    return (embed.weight,) if getattr(cfg, "tie_embeddings", "") == "true" else ()
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class ZeroOptimizer:
+    def __init__(self, model: torch.nn.Module, cfg, topo: Topology):
+        par, train, optim = cfg.parallel, cfg.train, cfg.optim
+        self.stage = par.zero
+        if self.stage == 3 and topo.pp > 1:
+            raise ConfigError("zero 3 with pp > 1 is not supported; use zero 1 or 2 "
+                              "(--parallel.zero=2) with pipeline parallelism.")
+        self.cfg, self.topo, self.model = cfg, topo, model
+        self.group = topo.dp_sp_group
+        self.n, self.rank = self.group.size, self.group.rank
+        self.model_dtype, self.grad_dtype = DTYPES[train.precision], DTYPES[train.grad_dtype]
+        self.offload = optim.offload == "cpu"
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in self.named]
+        self.device = params[0].device
+        self.opt_device = torch.device("cpu") if self.offload else self.device
+        order = list(reversed(params))
+        units = self._units(model, order) if self.stage == 3 else None
+        grad_bytes = 4 if self.stage >= 2 else self.grad_dtype.itemsize
+        bucket_numel = max(1, int(par.bucket_mb * 2 ** 20 / grad_bytes))
+        tied = _tied_embedding(model, topo)
+        names = {id(p): n for n, p in self.named}
+        self.weight_decay = {
+            id(p): optim.weight_decay if p.ndim >= 2 and (optim.decay_embeddings or
+                                                         "embed" not in names[id(p)]) else 0.0
+            for p in params}
+        self.layout = layout = BucketLayout(order, self.n, bucket_numel, units, isolate=tied,
+                                            sort_key=lambda p: -self.weight_decay[id(p)])
+        self.where = {id(p): layout.where[id(p)][1] for p in params}
+        # Which rank's chunks this rank updates: all of them under ZeRO 0.
+        self.space_rank = None if self.stage == 0 else self.rank
+        self.space_numel = layout.total if self.stage == 0 else layout.shard_size
+
+        flat32 = torch.zeros(layout.total, dtype=torch.float32, device=self.device)
+        for p in params:
+            off = self.where[id(p)]
+            flat32[off:off + p.numel()] = p.detach().reshape(-1).float()
+        self.separate_master = self.model_dtype != torch.float32 or self.offload
+        self.param_flat = self.param_shard = None
+        self.unit_full = {}
+        if self.stage < 3:
+            self.param_flat = flat32.to(self.model_dtype, copy=True)
+            for p in params:
+                off = self.where[id(p)]
+                p.data = self.param_flat[off:off + p.numel()].view(p.shape)
+        else:
+            self.param_shard = self._extract(flat32).to(self.model_dtype, copy=True)
+            for bucket in layout.buckets:
+                full = torch.empty(bucket.size, dtype=self.model_dtype, device=self.device)
+                for p, off in bucket.params:
+                    start = off - bucket.start
+                    p.data = full[start:start + p.numel()].view(p.shape)
+                full.untyped_storage().resize_(0)
+                self.unit_full[bucket.index] = full
+        pin = self.offload and torch.cuda.is_available()
+
+        def state_buffer():
+            t = torch.zeros(self.space_numel, dtype=torch.float32, device=self.opt_device)
+            return t.pin_memory() if pin else t
+
+        self.master = None
+        if self.separate_master:
+            self.master = state_buffer()
+            self.master.copy_(self._extract(flat32))
+        elif self.stage in (0, 3):
+            self.master = self.param_flat if self.stage == 0 else self.param_shard
+        del flat32
+        self.exp_avg, self.exp_avg_sq = state_buffer(), state_buffer()
+        self.runs = self._runs()
+        self.norm_pieces = [(flat, space, length)
+                            for p, _, flat, space, length in layout.pieces(self.rank)
+                            if counts_in_norm(p, topo)]
+        self.step_count = 0
+        self.scaler = DynamicLossScaler.from_config(cfg) if train.precision == "fp16" else None
+        self.gather = _LayerGather(self, model) if self.stage == 3 else None
+        self.grads = GradBuffer(
+            layout, topo, self.grad_dtype, self.device, shard=self.stage >= 2,
+            overlap=par.overlap_grad_reduce, tied=tied, scatter=self.stage == 1,
+            on_bucket_complete=self.gather.free if self.gather else None,
+            on_backward_end=self.gather.free_all if self.gather else None)
+        self._norm = None
+
+    # ---- layout helpers ------------------------------------------------------------------
+    @staticmethod
+    def _units(model, order: list) -> list[list]:
+        """ZeRO 3 gather units: one per transformer block, one for everything else."""
+        layers = getattr(model, "layers", None)
+        if layers is None:
+            return [order]
+        blocks = [list(reversed([p for p in block.parameters() if p.requires_grad]))
+                  for block in layers.values()]
+        in_blocks = {id(p) for unit in blocks for p in unit}
+        rest = [p for p in order if id(p) not in in_blocks]
+        return [rest, *reversed(blocks)]
+
+    def _extract(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's part (its update space) of a flat-layout tensor."""
+        if self.stage == 0:
+            return flat
+        return torch.cat([flat[s:s + n] for s, n, _ in self.layout.segments(self.rank)])
+
+    def _runs(self) -> list[tuple[int, int, int, float]]:
+        """(offset in the update space, flat offset, length, weight decay): contiguous
+        stretches of the update space with one weight decay, one AdamW call each."""
+        runs = []
+        for p, _, flat, space, length in self.layout.pieces(self.space_rank):
+            wd = self.weight_decay[id(p)]
+            if runs and runs[-1][3] == wd and runs[-1][0] + runs[-1][2] == space \
+                    and runs[-1][1] + runs[-1][2] == flat:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + length, wd)
+            else:
+                runs.append((space, flat, length, wd))
+        return runs
+
+    def _master_view(self, space: int, flat: int, length: int) -> torch.Tensor:
+        if self.master is None:  # fp32 ZeRO 1/2: the parameters are their own master
+            return self.param_flat[flat:flat + length]
+        return self.master[space:space + length]
+
+    # ---- the step ------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        self.grads.zero()
+        if self.gather is not None:
+            self.gather.free_all()
+
+    @contextlib.contextmanager
+    def micro_batch(self, is_last: bool):
+        """Around one micro-batch's forward and backward: ZeRO 0/1 start the overlapped
+        all-reduce only during the last one."""
+        self.grads.last_micro_batch = is_last
+        try:
+            yield
+        finally:
+            self.grads.last_micro_batch = False
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale_loss(loss) if self.scaler is not None else loss
+
+    def _owned_grad_chunks(self) -> list[torch.Tensor]:
+        return [self.grads.grad_view(start, self.layout.shard_offset(b), end - start)
+                for b in self.layout.buckets
+                for start, end in [self.layout.chunk(b, self.rank)]]
+
+    def prepare_step(self) -> tuple[float, bool]:
+        """Finish the reductions, unscale (fp16), and return (global gradient norm,
+        found_inf), equal on every rank; an overflow anywhere is seen everywhere."""
+        self.grads.finish()
+        if self.scaler is not None:
+            (self.grads.shard if self.stage >= 2 else self.grads.full).mul_(self.scaler.inv_scale)
+        sum_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for flat, space, length in self.norm_pieces:
+            sum_sq += self.grads.grad_view(flat, space, length).float().pow(2).sum()
+        chunks = self._owned_grad_chunks()
+        bad = torch.stack([~torch.isfinite(c).all() for c in chunks]).any()
+        local = torch.stack([sum_sq, bad.float()])
+        comm.all_reduce(local, self.group)
+        comm.all_reduce(local, self.topo.model_parallel_group)
+        total, flag = local.tolist()
+        found_inf = flag > 0
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+        self._norm = math.sqrt(total) if math.isfinite(total) else float("nan")
+        return self._norm, found_inf
+
+    @torch.no_grad()
+    def step(self, lr: float, max_norm: float | None = None) -> None:
+        """Clip by the global norm (max_norm, default optim.clip_grad; 0: off), update this
+        rank's part, and bring the parameters up to date in the model dtype."""
+        if self._norm is None:
+            raise RuntimeError("ZeroOptimizer.step() needs prepare_step() first")
+        o = self.cfg.optim
+        coef = clip_coefficient(self._norm, o.clip_grad if max_norm is None else max_norm)
+        self.step_count += 1
+        adamw = _adamw_kernel(self.opt_device)
+        for space, flat, length, wd in self.runs:
+            grad = self.grads.grad_view(flat, space, length)
+            if grad.dtype != torch.float32 or grad.device != self.opt_device:
+                grad = grad.to(self.opt_device, torch.float32)
+            if coef != 1.0:
+                grad.mul_(coef)
+            adamw(self._master_view(space, flat, length), grad,
+                  self.exp_avg[space:space + length], self.exp_avg_sq[space:space + length],
+                  lr, o.beta1, o.beta2, o.eps, wd, self.step_count)
+        self._write_back()
+        self._norm = None
+
+    def skip(self) -> None:
+        """No update this step (overflow or step guard); the loss scale already moved."""
+        self._norm = None
+
+    def _write_back(self) -> None:
+        """Master -> model-dtype parameters; ZeRO 1/2 then all-gather every bucket."""
+        if self.separate_master:
+            if self.stage == 0:
+                self.param_flat.copy_(self.master)
+            elif self.stage == 3:
+                self.param_shard.copy_(self.master)
+            else:
+                for space, flat, length, _ in self.runs:
+                    self.param_flat[flat:flat + length].copy_(self.master[space:space + length])
+        if self.stage in (1, 2):
+            self._all_gather_flat(self.param_flat)
+
+    def _all_gather_flat(self, flat: torch.Tensor, own: torch.Tensor | None = None) -> None:
+        """Fill every bucket of flat-layout `flat` from each rank's chunk (taken from
+        `flat` itself, or from `own`, a tensor in this rank's shard layout)."""
+        pending = []
+        for b in self.layout.buckets:
+            start, end = self.layout.chunk(b, self.rank)
+            if own is None:
+                chunk = flat[start:end].clone()
+            else:
+                offset = self.layout.shard_offset(b)
+                chunk = own[offset:offset + end - start].to(flat.device, flat.dtype)
+            work = all_gather_async(flat[b.start:b.start + b.size], chunk, self.group)
+            pending.append(_Pending(b, work, self.group, "all_gather", keep=chunk))
+        for item in pending:
+            item.wait()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _full_flat(self, space_tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor of this rank's update space -> the whole flat layout, on every rank."""
+        if self.stage == 0:
+            return space_tensor.to(self.device)
+        out = torch.empty(self.layout.total, dtype=space_tensor.dtype, device=self.device)
+        self._all_gather_flat(out, own=space_tensor)
+        return out
+
+    def _owned_named(self):
+        return [(n, p) for n, p in self.named if not getattr(p, "pipeline_tied_copy", False)]
+
+    @torch.no_grad()
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """{"name/exp_avg", "name/exp_avg_sq", "name/step"[, "name/master"]: global tensor},
+        for the parameters this stage owns; every rank of the topology must call it."""
+        flats = {"exp_avg": self._full_flat(self.exp_avg),
+                 "exp_avg_sq": self._full_flat(self.exp_avg_sq)}
+        if self.model_dtype != torch.float32:
+            flats["master"] = self._full_flat(self.master)
+        step = torch.tensor(float(self.step_count))
+        out = {}
+        for name, p in self._owned_named():
+            off = self.where[id(p)]
+            for key, flat in flats.items():
+                local = flat[off:off + p.numel()].view(p.shape)
+                out[f"{name}/{key}"] = to_global(p, local, self.topo)
+            out[f"{name}/step"] = step.clone()
+        return out
+
+    @torch.no_grad()
+    def param_tensors(self) -> dict[str, torch.Tensor]:
+        """The global model parameters (model dtype) this stage owns, by name."""
+        with self.gathered_params():
+            return {n: to_global(p, p.detach().clone(), self.topo) for n, p in self._owned_named()}
+
+    @contextlib.contextmanager
+    def gathered_params(self):
+        """Every parameter present for the duration (ZeRO 3 gathers all units)."""
+        if self.gather is None:
+            yield
+            return
+        for b in self.layout.buckets:
+            self.gather.fetch(b)
+        try:
+            yield
+        finally:
+            self.gather.free_all()
+
+    def _flat_from(self, tensors: dict, key: str, required: bool) -> torch.Tensor | None:
+        flat = torch.zeros(self.layout.total, dtype=torch.float32, device=self.device)
+        for name, p in self.named:
+            value = tensors.get(f"{name}/{key}" if key else name)
+            if value is None:
+                if required:
+                    raise CheckpointError(f"the checkpoint has no '{name}/{key or 'value'}' "
+                                          f"for parameter '{name}'; it was written by another "
+                                          f"model or is incomplete.")
+                return None
+            off = self.where[id(p)]
+            local = to_local(p, value.to(self.device, torch.float32), self.topo)
+            flat[off:off + p.numel()] = local.reshape(-1)
+        return flat
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict, params: dict | None = None) -> None:
+        """Restore from per-parameter global tensors (`state_tensors()`'s format) and, when
+        given, the global model parameters `params` (name -> tensor)."""
+        if params is not None:
+            flat = self._flat_from(params, "", required=True)
+            if self.stage < 3:
+                self.param_flat.copy_(flat)
+            else:
+                self.param_shard.copy_(self._extract(flat))
+            if self.separate_master:
+                self.master.copy_(self._extract(flat))
+        if not tensors:
+            return
+        for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            target.copy_(self._extract(self._flat_from(tensors, key, required=True)))
+        master = self._flat_from(tensors, "master", required=False)
+        if self.separate_master:
+            if master is not None:
+                self.master.copy_(self._extract(master))
+            elif params is None and self.stage < 3:
+                self.master.copy_(self._extract(self.param_flat.float()))
+        steps = [v for k, v in tensors.items() if k.endswith("/step")]
+        self.step_count = int(steps[0].item()) if steps else 0
+
+    # ---- memory ------------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """This rank's bytes of parameters, gradients and optimizer state (measured from the
+        tensors held) next to the ZeRO paper's formula, with Psi the parameters of this
+        model-parallel rank. Padding: every bucket is padded to a multiple of dp*sp*ALIGN
+        elements; a term sharded over N ranks holds (Psi + padding) / N elements, an
+        unsharded one Psi + padding. ZeRO 3's transiently gathered layers and ZeRO 2/3's
+        in-flight bucket gradients are not counted."""
+        psi, pad, n = self.layout.numel, self.layout.padding, self.n
+        e_param = self.model_dtype.itemsize
+        e_grad = 4 if self.stage >= 2 else self.grad_dtype.itemsize
+        e_opt = 8 + (4 if self.separate_master else 0)
+        shards = {"params": n if self.stage == 3 else 1, "grads": n if self.stage >= 2 else 1,
+                  "optimizer": n if self.stage >= 1 else 1}
+        param_tensor = self.param_flat if self.stage < 3 else self.param_shard
+        measured = {
+            "params": param_tensor.numel() * param_tensor.element_size(),
+            "grads": self.grads.nbytes(),
+            "optimizer": sum(t.numel() * t.element_size() for t in
+                             (self.exp_avg, self.exp_avg_sq,
+                              self.master if self.separate_master else None) if t is not None)}
+        per_elem = {"params": e_param, "grads": e_grad, "optimizer": e_opt}
+        report = {"zero": self.stage, "shards": n, "psi": psi, "padding_elements": pad,
+                  "align_elements": ALIGN, "buckets": len(self.layout.buckets),
+                  "optimizer_device": str(self.opt_device)}
+        for term in ("params", "grads", "optimizer"):
+            report[f"{term}_bytes"] = measured[term]
+            report[f"{term}_formula_bytes"] = per_elem[term] * psi / shards[term]
+            report[f"{term}_padding_bytes"] = per_elem[term] * pad / shards[term]
+        report["total_bytes"] = sum(measured.values())
+        return report
+
+
+class _LayerGather:
+    """ZeRO 3: all-gathers a unit's parameters into its full buffer when needed and frees
+    the storage after (the parameters stay views of it, so autograd's saved tensors
+    see the data again once it is re-gathered)."""
+
+    def __init__(self, opt: ZeroOptimizer, model):
+        self.opt = opt
+        self.pending: dict[int, _Pending] = {}
+        self.present: set[int] = set()
+        where = opt.layout.where
+        layers = getattr(model, "layers", None)
+        blocks = list(layers.values()) if layers is not None else []
+        self.block_buckets = [where[id(next(b.parameters()))][0] for b in blocks]
+        owned = {b.index for b in self.block_buckets}
+        self.rest = [b for b in opt.layout.buckets if b.index not in owned]
+        model.register_forward_pre_hook(self._model_pre)
+        model.register_forward_hook(self._model_post)
+        for i, block in enumerate(blocks):
+            block.register_forward_pre_hook(lambda m, args, i=i: self._block_pre(i))
+            block.register_forward_hook(lambda m, args, out, i=i: self._block_post(i, out))
+
+    def _launch(self, bucket) -> None:
+        opt, i = self.opt, bucket.index
+        full = opt.unit_full[i]
+        full.untyped_storage().resize_(full.numel() * full.element_size())
+        start = opt.layout.shard_offset(bucket)
+        chunk = opt.param_shard[start:start + bucket.chunk_size(opt.n)]
+        work = all_gather_async(full, chunk, opt.group)
+        self.pending[i] = _Pending(bucket, work, opt.group, "all_gather")
+        self.present.add(i)
+
+    def prefetch(self, bucket) -> None:
+        if bucket is not None and bucket.index not in self.present:
+            self._launch(bucket)
+
+    def fetch(self, bucket) -> None:
+        if bucket.index not in self.present:
+            self._launch(bucket)
+        pending = self.pending.pop(bucket.index, None)
+        if pending is not None:
+            pending.wait()
+
+    def free(self, bucket) -> None:
+        if bucket.index not in self.present:
+            return
+        pending = self.pending.pop(bucket.index, None)
+        if pending is not None:
+            pending.wait()
+        self.opt.unit_full[bucket.index].untyped_storage().resize_(0)
+        self.present.discard(bucket.index)
+
+    def free_all(self) -> None:
+        for bucket in self.opt.layout.buckets:
+            self.free(bucket)
+
+    def _block(self, i: int):
+        return self.block_buckets[i] if 0 <= i < len(self.block_buckets) else None
+
+    def _model_pre(self, module, args):
+        for bucket in self.rest:
+            self.fetch(bucket)
+        self.prefetch(self._block(0))
+
+    def _model_post(self, module, args, out):
+        if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
+            for bucket in self.rest:
+                self.free(bucket)
+
+    def _block_pre(self, i: int):
+        self.fetch(self.block_buckets[i])
+        if not _in_backward():
+            self.prefetch(self._block(i + 1))
+
+    def _block_post(self, i: int, out):
+        if _in_backward():
+            return  # a recomputation inside backward: its backward follows at once
+        if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad, i=i: self._before_backward(i))
+        self.free(self.block_buckets[i])
+
+    def _before_backward(self, i: int) -> None:
+        self.fetch(self.block_buckets[i])
+        self.prefetch(self._block(i - 1))
