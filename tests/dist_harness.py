@@ -75,6 +75,9 @@ class _Pool:
             else:
                 errors.append(f"--- rank {rank} ---\n{value}")
         if errors:
+            # a rank that failed mid-way may have created fewer process groups than its
+            # peers: the next test gets a fresh pool instead of a desynchronised one
+            self.close()
             raise AssertionError(f"{fn.__name__} failed on {len(errors)} rank(s):\n" + "\n".join(errors))
         return out
 
@@ -96,3 +99,9 @@ def run_on_ranks(fn, *args):
         _pool = _Pool(MAX_WORLD)
         atexit.register(lambda: _pool and _pool.close())
     return _pool.run(fn, *args)
+
+
+def restart_pool() -> None:
+    """Start the next run_on_ranks on new workers (fresh default group, no groups yet)."""
+    if _pool is not None:
+        _pool.close()

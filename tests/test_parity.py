@@ -15,7 +15,7 @@ element of 16k (a GELU unit that is nearly off), everything else below 1e-5.
 import pytest
 import torch
 
-from dist_harness import run_on_ranks
+from dist_harness import restart_pool, run_on_ranks
 from megalite.cli import parse_args
 from megalite.data.build import prepare_default_data
 from megalite.parallel.build import to_global
@@ -216,7 +216,10 @@ def train_and_save(args, steps):
 
 def test_pipeline_checkpoint_loads_in_one_process(cache, tmp_path):
     """A pp=2 x tp=2 x dp=2 checkpoint (stages gathered to rank 0) resumes in one process."""
-    # all 8 ranks: saving gathers RNG states over the whole world
+    # all 8 ranks: saving gathers RNG states over the whole world. Fresh workers: in the
+    # full suite this test met a pool whose ranks had created different numbers of
+    # process groups (not reproduced in isolation; see the closing note of issue 4)
+    restart_pool()
     args = config_args(cache, tmp_path / "run", "gpt2",
                        ["--parallel.pp=2", "--parallel.tp=2", "--parallel.dp=2"])
     results = [r for r in run_on_ranks(train_and_save, args, 1) if r is not None]
