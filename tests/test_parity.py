@@ -38,14 +38,19 @@ def config_args(cache, run_dir, preset="llama", layout=()):
             f"--run.dir={run_dir}", "--checkpoint.every=0", *layout]
 
 
-def run_layout(args):
-    """Runs on every pool rank: train, then gradients of one extra batch, all global."""
+def trainer_on_layout(args):
+    """(topology, trainer) for the layout in `args`; (None, None) on ranks outside it."""
     cfg, _ = parse_args(args)
     p = cfg.parallel
     topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=120)
+    return (topo, Trainer(cfg, topo=topo)) if topo is not None else (None, None)
+
+
+def run_layout(args):
+    """Runs on every pool rank: train, then gradients of one extra batch, all global."""
+    topo, trainer = trainer_on_layout(args)
     if topo is None:
         return None
-    trainer = Trainer(cfg, topo=topo)
     history = [(r["loss"], r["grad_norm"]) for r in (trainer.train_step() for _ in range(STEPS))]
     trainer.model.train()
     trainer.forward_backward(trainer.micro_batches(trainer.sampler.next_indices()))
@@ -199,12 +204,9 @@ def test_1f1b_keeps_at_most_pp_micro_batches_alive(cache, tmp_path):
 
 def train_and_save(args, steps):
     """Train `steps` steps, save, train one more; returns (loss of the extra step, params)."""
-    cfg, _ = parse_args(args)
-    p = cfg.parallel
-    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=120)
+    topo, trainer = trainer_on_layout(args)
     if topo is None:
         return None
-    trainer = Trainer(cfg, topo=topo)
     for _ in range(steps):
         trainer.train_step()
     trainer.save()
