@@ -193,11 +193,17 @@ def check_shapes(index: dict, fname: str, expected: dict[str, torch.Size], what:
                                   f"Resume with the config the checkpoint was saved with.")
 
 
+def read_model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every model parameter of a checkpoint as its unpadded global tensor, by global name,
+    whatever layout wrote it (the reader for tools: export, generate, inspect)."""
+    return load_tensors(path, "model.safetensors")
+
+
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, index: dict) -> None:
-    """Copy `model.safetensors` into the model's parameters after checking every shape."""
+    """Copy the checkpoint's model tensors into a single-device model after checking shapes."""
     params = dict(model.named_parameters())  # tied weights appear once
     check_shapes(index, "model.safetensors", {n: p.shape for n, p in params.items()}, "model")
-    state = load_tensors(path, "model.safetensors")
+    state = read_model_tensors(path)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(state[name])
