@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-REASONS = ("nan_loss", "nan_grad", "spike")
+REASONS = ("nan_loss", "nan_grad", "spike", "overflow")
 GRACE_STEPS = 5
 
 
@@ -56,9 +56,11 @@ class StepGuard:
             return "spike"
         return None
 
-    def check(self, loss: float, grad_norm: float) -> str | None:
-        """Return why this step must be skipped, or None to apply it; record the outcome."""
-        reason = self._reason(float(loss), float(grad_norm))
+    def check(self, loss: float, grad_norm: float, overflow: bool = False) -> str | None:
+        """Return why this step must be skipped, or None to apply it; record the outcome.
+        `overflow`: fp16 gradients overflowed at the current loss scale (the scaler
+        lowers it); skipped and counted, the loss kept out of the spike mean."""
+        reason = "overflow" if overflow else self._reason(float(loss), float(grad_norm))
         if reason is None:
             self.history.append(float(loss))
             self.consecutive = 0

@@ -25,6 +25,11 @@ Parallelism hooks, so later layers change classes, not this code:
   `norm` and `lm_head` are separate attributes: a pipeline stage (`stage=StageSpec`)
   builds only its own, under their global names, and `forward_chunk` runs one chunk.
 - `position_ids` lets a sequence-parallel rank run its chunk of a longer sequence.
+- activation recomputation (`recompute`): "full" keeps only each block's input and
+  reruns the block in backward; "selective" reruns only the attention core (scores,
+  softmax, dropout, weighted sum: the s^2 part, cheap to recompute and large to keep,
+  Korthikanti et al. 2022). torch.utils.checkpoint restores the RNG, so dropout masks
+  are redrawn identically; collectives inside a block (tp, sp) simply run again.
 - norms, rotary, activations, attention and the loss go through the kernel op table
   (`kernels.get_ops`), so `model.kernels=triton` / `model.attention=triton` switch in
   the fused kernels by config.
@@ -37,6 +42,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from kernels import get_ops
 from megalite.config import ModelConfig
@@ -154,6 +160,7 @@ class Attention(nn.Module):
         self.o_proj = layers.row(cfg.hidden_size, cfg.hidden_size, bias)
         self.dropout = cfg.dropout
         self.impl = cfg.attention
+        self.recompute_core = False  # selective recomputation: set by Transformer
         if cfg.attention == "sdpa":
             attention_op = get_ops("torch").attention
         elif cfg.attention == "triton":
@@ -178,17 +185,23 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = self.rotary(q, k, *rope)
         dropout_p = self.dropout if self.training else 0.0
-        if dropout_p > 0 and self.impl == "eager":
-            out = eager_attention(q, k, v, dropout_p)
-        elif dropout_p > 0:
-            # The op table's attention has no dropout: torch SDPA takes over while
-            # attention dropout is active (rejected with sp > 1, see parallel/build.py).
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
+        if self.recompute_core and torch.is_grad_enabled():
+            out = checkpoint(self._core, q, k, v, dropout_p, use_reentrant=False)
         else:
-            out = self.attention_op(q, k, v)
+            out = self._core(q, k, v, dropout_p)
         out = out.transpose(1, 2).flatten(2)
         return F.dropout(self.o_proj(out), self.dropout, self.training)
+
+    def _core(self, q, k, v, dropout_p: float):
+        """softmax(q k^T / sqrt(d)) v over heads [B, heads, S, D], causal."""
+        if dropout_p > 0 and self.impl == "eager":
+            return eager_attention(q, k, v, dropout_p)
+        if dropout_p > 0:
+            # The op table's attention has no dropout: torch SDPA takes over while
+            # attention dropout is active (rejected with sp > 1, see parallel/build.py).
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+        return self.attention_op(q, k, v)
 
 
 class SwiGLU(nn.Module):
@@ -248,10 +261,11 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layers: DenseLayers | None = None, sp_group=None,
-                 sp_mode: str = "ring", stage: StageSpec | None = None):
+                 sp_mode: str = "ring", stage: StageSpec | None = None, recompute: str = "none"):
         """`sp_group`: the sequence-parallel group when each rank holds a chunk of every
         sequence (`position_ids` then gives the chunk's global positions). `stage`: the
-        pipeline rank's share (parallel/stage.py); None builds the whole model."""
+        pipeline rank's share (parallel/stage.py); None builds the whole model.
+        `recompute`: none | selective | full (activation recomputation in training)."""
         super().__init__()
         layers = layers or DenseLayers()
         layers.check(cfg)
@@ -270,6 +284,9 @@ class Transformer(nn.Module):
             sp_group = None
         self.layers = LayerDict({str(i): Block(cfg, layers, ops, sp_group, sp_mode)
                                  for i in self.stage.layer_ids})
+        self.recompute_blocks = recompute == "full"
+        for block in self.layers.values():
+            block.attn.recompute_core = recompute == "selective"
         self.norm = make_norm(cfg, ops) if last else None
         self.lm_head = layers.head(cfg.hidden_size, cfg.vocab_size, ops.cross_entropy) if last else None
         if tied and last:
@@ -313,8 +330,12 @@ class Transformer(nn.Module):
             if self.pos_embed is not None:
                 x = x + self.pos_embed(position_ids)
             x = F.dropout(x, self.cfg.dropout, self.training)
+        recompute = self.recompute_blocks and torch.is_grad_enabled()
         for i in self.stage.chunks[chunk]:
-            x = self.layers[i](x, rope)
+            if recompute:
+                x = checkpoint(self.layers[i], x, rope, use_reentrant=False)
+            else:
+                x = self.layers[i](x, rope)
         if not heads:
             return x
         logits = self.lm_head(self.norm(x))  # [B, S, V/tp] under tensor parallelism

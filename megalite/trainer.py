@@ -2,7 +2,8 @@
 
 `Trainer(cfg)` builds data, model, optimizer, LR schedule and step guard from a
 validated config; `train()` runs optimizer updates (steps count from 1) with gradient
-accumulation over micro-batches, global-norm clipping, the step guard, validation
+accumulation over micro-batches, mixed precision, global-norm clipping (all three in
+the ZeRO optimizer, optim/zero.py, at every stage 0-3), the step guard, validation
 (at step 0 and every `train.eval_every` steps, on a fixed slice of the validation
 split, touching neither the training RNG nor the training sample order), metrics,
 and checkpoints every N steps / T minutes, at the end and on SIGINT/SIGTERM. A stop
@@ -29,28 +30,12 @@ from megalite.errors import CheckpointError, ConfigError
 from megalite.guard import StepGuard
 from megalite.metrics import MetricsLogger, console_line, flops_per_token, memory_stats, mfu, peak_flops
 from megalite.optim.schedule import LRSchedule
+from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
-from megalite.parallel.build import build_model, shard_batch, to_global, to_local
-from megalite.parallel.data import clip_gradients, reduce_gradients
-from megalite.parallel.pipeline import PipelineEngine, reduce_tied_gradients
+from megalite.parallel.build import build_model, shard_batch
+from megalite.parallel.pipeline import PipelineEngine
 from megalite.parallel.stage import stage_spec
 from megalite.model import Transformer
-
-
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW with decoupled weight decay on matmul weights only.
-
-    Norm weights and biases (1-D) never decay; embeddings decay only with
-    optim.decay_embeddings, since decaying rarely-seen token rows shrinks them for no gain.
-    """
-    o = cfg.optim
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        is_embedding = "embed" in name
-        (decay if p.ndim >= 2 and (o.decay_embeddings or not is_embedding) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
 
 
 class StopSignal:
@@ -77,9 +62,6 @@ class Trainer:
     def __init__(self, cfg, resume: str | None = None, topo=None, device: str = "cpu"):
         """`topo`: an existing rank grid (tests build several in one world); by default
         the process group and grid come from torchrun's environment."""
-        if cfg.train.precision != "fp32":
-            raise ConfigError(f"train.precision={cfg.train.precision} is not available yet; "
-                              f"use --train.precision=fp32.")
         self.cfg = cfg
         self.topo, self.device = (topo, device) if topo else distributed.setup(cfg)
         self.main = self.topo.rank == 0
@@ -92,11 +74,11 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.topo, self.device)
-        self.params = [p for p in self.model.parameters()]
         tp_sp_divisor = self.topo.tp if cfg.parallel.tp_sp else 1
         self.pipeline = (PipelineEngine(self.model, self.topo, tp_sp_divisor)
                          if self.topo.pp > 1 else None)
-        self.optimizer = build_optimizer(self.model, cfg)
+        # Takes the parameters over: flat buffers, model dtype, fp32 master, grad hooks.
+        self.optimizer = ZeroOptimizer(self.model, cfg, self.topo)
         self.schedule = LRSchedule.from_config(cfg)
         self.guard = StepGuard.from_config(cfg)
         self.sampler = BatchSampler(len(self.data.train), cfg.train.global_batch_size,
@@ -134,19 +116,21 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, t0 = self.cfg, time.perf_counter()
         lr = self.schedule(self.step + 1)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.model.train()
         indices = self.sampler.next_indices()
         micro_batches = self.micro_batches(indices)
+        self.optimizer.zero_grad()
         loss_sum = self.forward_backward(micro_batches)
-        reduce_gradients(self.params, self.topo)
-        grad_norm = clip_gradients(self.params, cfg.optim.clip_grad, self.topo)
+        grad_norm, found_inf = self.optimizer.prepare_step()  # equal on every rank
         loss = self._mean_over_replicas(loss_sum)
-        skip = self.guard.check(loss, grad_norm)
+        # An fp16 overflow is the loss scaler's business: skipped, scale lowered, not
+        # a spike. In bf16/fp32 a non-finite gradient is the guard's "nan_grad".
+        skip = self.guard.check(loss, grad_norm,
+                                overflow=found_inf and self.optimizer.scaler is not None)
         if skip is None:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step(lr)
+        else:
+            self.optimizer.skip()
         self.step += 1
         self.last_loss = loss
         if self.device.startswith("cuda"):
@@ -156,7 +140,8 @@ class Trainer:
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "step_time": step_time,
                 "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak),
-                "skipped": self.guard.skipped, "skip_reason": skip}
+                "skipped": self.guard.skipped, "skip_reason": skip,
+                **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {})}
 
     def micro_batches(self, indices) -> list:
         mbs = self.cfg.train.micro_batch_size
@@ -167,20 +152,22 @@ class Trainer:
         indices); returns that loss on every rank of the pipeline."""
         # Every micro-batch has the same token count, so the mean of per-micro-batch
         # means is the mean over the global batch: each gradient is averaged once.
-        weight = 1.0 / len(micro_batches)
+        weight, opt = 1.0 / len(micro_batches), self.optimizer
         if self.pipeline is not None:
             batches = [self._batch(self.data.train, micro) for micro in micro_batches]
+            scale = opt.loss_scale  # fp16: folded into the weight the engine applies
             loss_sum = self.pipeline.run(self.cfg.parallel.schedule, batches,
-                                         [weight] * len(batches))
-            reduce_tied_gradients(self.model, self.topo)
+                                         [weight * scale] * len(batches),
+                                         final_backward=lambda: opt.micro_batch(is_last=True))
             # The loss exists on the last stage only; the sum hands it to every stage.
-            return comm.all_reduce(loss_sum, self.topo.pp_group)
+            return comm.all_reduce(loss_sum, self.topo.pp_group) / scale
         loss_sum = torch.zeros((), device=self.device)
-        for micro in micro_batches:
+        for i, micro in enumerate(micro_batches):
             inputs, targets, positions = self._batch(self.data.train, micro)
-            loss = self.model(inputs, targets, positions) * weight
-            loss.backward()
-            loss_sum += loss.detach()
+            with opt.micro_batch(is_last=i == len(micro_batches) - 1):
+                loss = self.model(inputs, targets, positions) * weight
+                opt.scale_loss(loss).backward()
+            loss_sum += loss.detach().float()
         return loss_sum
 
     @torch.no_grad()
@@ -210,6 +197,7 @@ class Trainer:
         cfg = self.cfg
         print(f"[megalite] run directory: {self.run_dir}  device: {self.device}  "
               f"params: {self.num_params():,}", flush=True)
+        self._print_memory_report()
         start_step, started = self.step, time.time()
         last_save_time = time.time()
         with StopSignal() as stop:
@@ -246,7 +234,18 @@ class Trainer:
         """Parameters of the whole model (unpadded global shapes), whatever the layout."""
         if self.topo.pp > 1:
             return sum(p.numel() for p in self._meta_model().parameters())
-        return sum(math.prod(getattr(p, "global_shape", p.shape)) for p in self.params)
+        return sum(math.prod(getattr(p, "global_shape", p.shape)) for p in self.model.parameters())
+
+    def _print_memory_report(self) -> None:
+        """Every rank's parameter/gradient/optimizer bytes next to the ZeRO formula, in its
+        own log (rank 0's also on the console)."""
+        r = self.optimizer.memory_report()
+        terms = "  ".join(f"{t} {r[f'{t}_bytes'] / 2**20:.2f} MiB (formula "
+                          f"{r[f'{t}_formula_bytes'] / 2**20:.2f} + padding "
+                          f"{r[f'{t}_padding_bytes'] / 2**20:.2f})"
+                          for t in ("params", "grads", "optimizer"))
+        print(f"[megalite] rank {self.topo.rank} memory: zero {r['zero']} over {r['shards']} "
+              f"ranks, psi {r['psi']:,}: {terms}", flush=True)
 
     def _meta_model(self, pp_rank: int | None = None) -> Transformer:
         """The single-device model (or pipeline rank `pp_rank`'s stage) on the meta
@@ -294,7 +293,7 @@ class Trainer:
                                 if not getattr(p, "pipeline_tied_copy", False)}
                 for name in sorted(stage_params):
                     shape = stage_params[name].shape
-                    params[name] = torch.empty(shape, dtype=torch.float32)
+                    params[name] = torch.empty(shape, dtype=self.optimizer.model_dtype)
                     dist.recv(params[name], src)
                     for key in state_keys:
                         buf = (torch.empty_like(step) if key == "step"
@@ -318,11 +317,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Gather unpadded global tensors (layout-independent); global rank 0 writes them."""
-        params, optim_state = {}, {}
-        for name, p in self._named_params(owned=True).items():
-            params[name] = to_global(p, p.detach(), self.topo)
-            for key, value in self.optimizer.state.get(p, {}).items():
-                optim_state[f"{name}/{key}"] = value if key == "step" else to_global(p, value, self.topo)
+        params, optim_state = self.optimizer.param_tensors(), self.optimizer.state_tensors()
         if self.topo.pp > 1:
             self._gather_stages(params, optim_state)
         rng = self._rng_states()
@@ -332,6 +327,7 @@ class Trainer:
                     "sampler": self.sampler.state_dict(), "loss": self.last_loss,
                     "tokenizer": str(self.data.tokenizer.path),
                     "schedule": self.schedule.state_dict(), "guard": self.guard.state_dict(),
+                    "scaler": self.optimizer.scaler and self.optimizer.scaler.state_dict(),
                     "layout": {k: getattr(self.cfg.parallel, k)
                                for k in ("tp", "pp", "dp", "sp", "zero")},
                     "config": self.cfg.to_dict()}
@@ -361,16 +357,11 @@ class Trainer:
                 raise CheckpointError(f"'{path}/optim.safetensors' holds state for unknown "
                                       f"parameter '{name}'.")
         self.schedule.load_state_dict(index["schedule"], strict=False)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(to_local(p, model_state[name], self.topo))
-        for name, p in params.items():
-            state = {k.split("/", 1)[1]: v for k, v in optim_state.items()
-                     if k.split("/", 1)[0] == name}
-            if state:
-                self.optimizer.state[p] = {
-                    k: v if k == "step" else to_local(p, v, self.topo).to(p.device)
-                    for k, v in state.items()}
+        # The fp32 master, where a bf16/fp16 run saved one, is the parameter's true value.
+        values = {n: optim_state.get(f"{n}/master", model_state[n]) for n in params}
+        self.optimizer.load_state_tensors(optim_state, params=values)
+        if self.optimizer.scaler is not None and index.get("scaler"):
+            self.optimizer.scaler.load_state_dict(index["scaler"])
         self.sampler.load_state_dict(index["sampler"])
         self.guard.load_state_dict(index["guard"])
         rank = dist.get_rank() if dist.is_initialized() else 0

@@ -18,7 +18,9 @@ def test_non_finite_values_always_skip():
     assert g.check(2.0, float("-inf")) == "nan_grad"
     assert g.check(2.0, 1.0) is None
     assert g.skipped == 4
-    assert g.skipped_by_reason == {"nan_loss": 2, "nan_grad": 2, "spike": 0}
+    assert g.skipped_by_reason == {"nan_loss": 2, "nan_grad": 2, "spike": 0, "overflow": 0}
+    assert g.check(2.0, float("inf"), overflow=True) == "overflow"
+    assert g.skipped_by_reason["overflow"] == 1 and len(g.history) == 1
     assert list(g.history) == [2.0]  # skipped losses never enter the mean
 
 

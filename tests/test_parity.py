@@ -1,9 +1,10 @@
-"""Layout parity: every (tp, sp, dp, tp_sp, sp_mode) layout trains like one process.
+"""Layout parity: every (tp, sp, dp, pp, zero, ...) layout trains like one process.
 
-Each case runs 10 optimizer steps of the whole trainer on real gloo ranks and compares,
-with a single-process run of the same config and seed: the loss and gradient norm of
-every step, then the gradients of one more batch gathered to global tensors, and the
-final parameters. fp32 throughout. The layouts only change summation order (split
+Each case runs 10 optimizer steps of the whole trainer on real gloo ranks and compares
+with the plain single-process PyTorch loop of tests/reference.py (torch.optim.AdamW,
+clip_grad_norm_) on the same config and seed: the loss and gradient norm of every step,
+then the gradients of one more batch gathered to global tensors, and the final
+parameters. fp32 throughout. The layouts only change summation order (split
 matmuls, all-reduce order), whose rounding differences stay around 1e-6 relative:
 losses rel 1e-5, gradients rtol 2e-5 / atol 2e-6 (checked after the 10 steps, so
 they cover the whole trajectory). Parameters get atol 1e-4 (weights ~0.02, lr 3e-3):
@@ -16,10 +17,10 @@ import pytest
 import torch
 
 from dist_harness import restart_pool, run_on_ranks
+from reference import reference_run
 from megalite.cli import parse_args
 from megalite.data.build import prepare_default_data
 from megalite.parallel.build import to_global
-from megalite.parallel.data import reduce_gradients
 from megalite.topology import build_topology, destroy_topology
 from megalite.trainer import Trainer
 
@@ -53,11 +54,10 @@ def run_layout(args):
         return None
     history = [(r["loss"], r["grad_norm"]) for r in (trainer.train_step() for _ in range(STEPS))]
     trainer.model.train()
+    trainer.optimizer.zero_grad()
     trainer.forward_backward(trainer.micro_batches(trainer.sampler.next_indices()))
-    reduce_gradients(trainer.params, topo)
-    named = dict(trainer.model.named_parameters())
-    grads = {n: to_global(q, q.grad, topo) for n, q in named.items()}
-    params = {n: to_global(q, q.detach(), topo) for n, q in named.items()}
+    trainer.optimizer.prepare_step()
+    grads, params = trainer.optimizer.grad_tensors(), trainer.optimizer.param_tensors()
     destroy_topology(topo)
     return history, grads, params
 
@@ -78,7 +78,8 @@ def reference(cache, tmp_path, preset, shared=()):
     layout's model/train overrides, which the reference runs with too."""
     key = (preset, *shared)
     if key not in _references:
-        _references[key] = run_layout(config_args(cache, tmp_path / "ref", preset, shared))
+        _references[key] = reference_run(config_args(cache, tmp_path / "ref", preset, shared),
+                                         STEPS)
     return _references[key]
 
 
@@ -104,6 +105,28 @@ PIPELINE_LAYOUTS = [
     ("llama", {"pp": 2, "schedule": "interleaved", "virtual_stages": 2, "model.num_layers": 4}),
     ("llama", dict(pp=2, tp=2, dp=2, schedule="1f1b", tp_sp="true")),  # m = 2 = pp
 ]
+# ZeRO stages over dp x sp, bucketing, overlap, recomputation (2 micro-batches per step at
+# dp=2, one at dp=4; clip_grad=0.5 is active in every step).
+ZERO_LAYOUTS = [
+    ("llama", dict(dp=2, zero=1)),
+    ("llama", dict(dp=4, zero=1, bucket_mb=0.01)),  # many buckets
+    ("llama", dict(dp=2, zero=2, bucket_mb=0.01)),
+    ("gpt2", dict(dp=4, zero=2, overlap_grad_reduce="false")),
+    ("gpt2", dict(dp=2, zero=3)),
+    ("llama", dict(dp=4, zero=3, bucket_mb=0.01)),
+    ("llama", dict(dp=2, zero=0, bucket_mb=1000, overlap_grad_reduce="false")),  # one bucket
+    ("llama", dict(dp=2, tp=2, pp=2, zero=1, tp_sp="true")),
+    ("gpt2", dict(dp=2, tp=2, pp=2, zero=2)),
+    ("llama", {"dp": 2, "pp": 2, "zero": 2, "schedule": "interleaved", "virtual_stages": 2,
+               "model.num_layers": 4}),
+    ("llama", dict(dp=2, sp=2, zero=2, sp_mode="ring")),
+    ("llama", {"dp": 2, "zero": 1, "optim.offload": "cpu"}),
+    ("llama", {"dp": 2, "zero": 3, "train.recompute": "full"}),
+    ("gpt2", {"tp": 2, "sp": 2, "tp_sp": "true", "train.recompute": "selective"}),
+    ("llama", {"pp": 2, "tp": 2, "tp_sp": "true", "train.recompute": "full"}),
+]
+# Settings that leave the arithmetic unchanged: the reference runs without them.
+LAYOUT_ONLY = {"train.recompute", "optim.offload"}
 SLOW_PIPELINE_LAYOUTS = [
     (preset, {"pp": pp, "schedule": schedule, "model.num_layers": 8,
               "train.global_batch_size": 2 * m, **extra})
@@ -134,9 +157,11 @@ SLOW_LAYOUTS = [
 def _check(cache, tmp_path, preset, layout):
     # keys with a section ("train.global_batch_size") change the model or batch, and the
     # reference with them; bare keys are parallel.* layout keys
-    shared = tuple(f"--{k}={v}" for k, v in layout.items() if "." in k)
+    shared = tuple(f"--{k}={v}" for k, v in layout.items() if "." in k and k not in LAYOUT_ONLY)
+    own = [f"--{k}={v}" for k, v in layout.items() if k in LAYOUT_ONLY]
     args = config_args(cache, tmp_path / "run", preset,
-                       [*shared, *(f"--parallel.{k}={v}" for k, v in layout.items() if "." not in k)])
+                       [*shared, *own,
+                        *(f"--parallel.{k}={v}" for k, v in layout.items() if "." not in k)])
     results = run_on_ranks(run_layout, args)
     ref_history, ref_grads, ref_params = reference(cache, tmp_path, preset, shared)
     seen = set()
@@ -160,6 +185,11 @@ def test_layout_matches_single_process(cache, tmp_path, preset, layout):
 
 @pytest.mark.parametrize("preset, layout", PIPELINE_LAYOUTS, ids=lambda v: str(v))
 def test_pipeline_matches_single_process(cache, tmp_path, preset, layout):
+    _check(cache, tmp_path, preset, layout)
+
+
+@pytest.mark.parametrize("preset, layout", ZERO_LAYOUTS, ids=lambda v: str(v))
+def test_zero_matches_single_process(cache, tmp_path, preset, layout):
     _check(cache, tmp_path, preset, layout)
 
 

@@ -69,7 +69,11 @@ def test_checkpoint_round_trip(cache, reference, tmp_path):
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p, stored[name]), name
     assert trainer.step == 12 and trainer.sampler.state_dict()["consumed_samples"] == 96
-    assert all(len(s) == 3 for s in trainer.optimizer.state.values())
+    stored_state = ckpt.load_tensors(reference / "checkpoints" / "step_0000012", "optim.safetensors")
+    state = trainer.optimizer.state_tensors()
+    assert set(state) == set(stored_state)
+    for key, value in state.items():
+        assert torch.equal(value, stored_state[key]), key
 
 
 def _run_until_signal(args, stop_at):

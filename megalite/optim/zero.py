@@ -1,7 +1,7 @@
 """The ZeRO sharded AdamW optimizer (stages 0-3), mixed precision and CPU offload.
 
 `ZeroOptimizer(model, cfg, topo)` takes over a built, initialised model: it moves every
-parameter into flat buffers laid out by `parallel.data.BucketLayout` (reverse
+parameter into flat buffers laid out by `parallel.buckets.BucketLayout` (reverse
 registration order, buckets of `parallel.bucket_mb`, each padded to a multiple of
 dp*sp*ALIGN elements so it splits into equal chunks, rank r owning chunk r of every
 bucket), casts the parameters to `train.precision` and keeps the fp32 master copy
@@ -70,8 +70,10 @@ from megalite.errors import CheckpointError, ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.parallel import comm
 from megalite.parallel.build import to_global, to_local
-from megalite.parallel.data import (ALIGN, BucketLayout, GradBuffer, _Pending, all_gather_async,
-                                    clip_coefficient, counts_in_norm)
+from megalite.optim.zero3 import LayerGather
+from megalite.parallel.buckets import ALIGN, BucketLayout
+from megalite.parallel.data import (GradBuffer, _Pending, all_gather_async, clip_coefficient,
+                                    counts_in_norm)
 from megalite.topology import Topology
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,10 +93,6 @@ def _tied_embedding(model, topo: Topology) -> tuple:
     if topo.embedding_group.size == 1 or embed is None:
         return ()
     return (embed.weight,) if getattr(cfg, "tie_embeddings", "") == "true" else ()
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
 
 
 class ZeroOptimizer:
@@ -171,7 +169,7 @@ class ZeroOptimizer:
                             if counts_in_norm(p, topo)]
         self.step_count = 0
         self.scaler = DynamicLossScaler.from_config(cfg) if train.precision == "fp16" else None
-        self.gather = _LayerGather(self, model) if self.stage == 3 else None
+        self.gather = LayerGather(self, model) if self.stage == 3 else None
         self.grads = GradBuffer(
             layout, topo, self.grad_dtype, self.device, shard=self.stage >= 2,
             overlap=par.overlap_grad_reduce, tied=tied, scatter=self.stage == 1,
@@ -234,6 +232,11 @@ class ZeroOptimizer:
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale_loss(loss) if self.scaler is not None else loss
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor `scale_loss` applies (fp16's dynamic scale, else 1)."""
+        return self.scaler.scale if self.scaler is not None else 1.0
 
     def _owned_grad_chunks(self) -> list[torch.Tensor]:
         return [self.grads.grad_view(start, self.layout.shard_offset(b), end - start)
@@ -347,6 +350,20 @@ class ZeroOptimizer:
         return out
 
     @torch.no_grad()
+    def grad_tensors(self) -> dict[str, torch.Tensor]:
+        """The reduced gradients (after `prepare_step`) as global tensors, for the parameters
+        this stage owns; every rank of the topology must call it."""
+        if self.stage >= 2:
+            flat = self._full_flat(self.grads.shard)
+        else:
+            flat = self.grads.full.clone()
+            if self.stage == 1:  # only this rank's chunks hold the reduced sum
+                self._all_gather_flat(flat)
+        return {name: to_global(p, flat[self.where[id(p)]:self.where[id(p)] + p.numel()]
+                                .view(p.shape), self.topo)
+                for name, p in self._owned_named()}
+
+    @torch.no_grad()
     def param_tensors(self) -> dict[str, torch.Tensor]:
         """The global model parameters (model dtype) this stage owns, by name."""
         with self.gathered_params():
@@ -436,88 +453,3 @@ class ZeroOptimizer:
             report[f"{term}_padding_bytes"] = per_elem[term] * pad / shards[term]
         report["total_bytes"] = sum(measured.values())
         return report
-
-
-class _LayerGather:
-    """ZeRO 3: all-gathers a unit's parameters into its full buffer when needed and frees
-    the storage after (the parameters stay views of it, so autograd's saved tensors
-    see the data again once it is re-gathered)."""
-
-    def __init__(self, opt: ZeroOptimizer, model):
-        self.opt = opt
-        self.pending: dict[int, _Pending] = {}
-        self.present: set[int] = set()
-        where = opt.layout.where
-        layers = getattr(model, "layers", None)
-        blocks = list(layers.values()) if layers is not None else []
-        self.block_buckets = [where[id(next(b.parameters()))][0] for b in blocks]
-        owned = {b.index for b in self.block_buckets}
-        self.rest = [b for b in opt.layout.buckets if b.index not in owned]
-        model.register_forward_pre_hook(self._model_pre)
-        model.register_forward_hook(self._model_post)
-        for i, block in enumerate(blocks):
-            block.register_forward_pre_hook(lambda m, args, i=i: self._block_pre(i))
-            block.register_forward_hook(lambda m, args, out, i=i: self._block_post(i, out))
-
-    def _launch(self, bucket) -> None:
-        opt, i = self.opt, bucket.index
-        full = opt.unit_full[i]
-        full.untyped_storage().resize_(full.numel() * full.element_size())
-        start = opt.layout.shard_offset(bucket)
-        chunk = opt.param_shard[start:start + bucket.chunk_size(opt.n)]
-        work = all_gather_async(full, chunk, opt.group)
-        self.pending[i] = _Pending(bucket, work, opt.group, "all_gather")
-        self.present.add(i)
-
-    def prefetch(self, bucket) -> None:
-        if bucket is not None and bucket.index not in self.present:
-            self._launch(bucket)
-
-    def fetch(self, bucket) -> None:
-        if bucket.index not in self.present:
-            self._launch(bucket)
-        pending = self.pending.pop(bucket.index, None)
-        if pending is not None:
-            pending.wait()
-
-    def free(self, bucket) -> None:
-        if bucket.index not in self.present:
-            return
-        pending = self.pending.pop(bucket.index, None)
-        if pending is not None:
-            pending.wait()
-        self.opt.unit_full[bucket.index].untyped_storage().resize_(0)
-        self.present.discard(bucket.index)
-
-    def free_all(self) -> None:
-        for bucket in self.opt.layout.buckets:
-            self.free(bucket)
-
-    def _block(self, i: int):
-        return self.block_buckets[i] if 0 <= i < len(self.block_buckets) else None
-
-    def _model_pre(self, module, args):
-        for bucket in self.rest:
-            self.fetch(bucket)
-        self.prefetch(self._block(0))
-
-    def _model_post(self, module, args, out):
-        if not (torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
-            for bucket in self.rest:
-                self.free(bucket)
-
-    def _block_pre(self, i: int):
-        self.fetch(self.block_buckets[i])
-        if not _in_backward():
-            self.prefetch(self._block(i + 1))
-
-    def _block_post(self, i: int, out):
-        if _in_backward():
-            return  # a recomputation inside backward: its backward follows at once
-        if torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda grad, i=i: self._before_backward(i))
-        self.free(self.block_buckets[i])
-
-    def _before_backward(self, i: int) -> None:
-        self.fetch(self.block_buckets[i])
-        self.prefetch(self._block(i - 1))

@@ -11,15 +11,7 @@ gradient of the global batch:
 All three are linear, so their order does not matter: the dp x sp reduction runs per
 bucket while backward goes on, the other two run once in `GradBuffer.finish`.
 
-`BucketLayout` places every local parameter in one flat index space, in reverse
-registration order (roughly the order backward produces gradients), cut into buckets
-of about `parallel.bucket_mb`. Each bucket is padded to a multiple of
-`group_size * ALIGN` elements so that it splits into equal contiguous chunks, one per
-dp x sp rank: rank r owns chunk r of every bucket. Its shard (of gradients under
-ZeRO 2/3, of master weights and moments under ZeRO 1-3) is the concatenation of its
-chunks in bucket order. The layout is the same on every TP rank (TP shards have equal
-shapes), and a tied embedding sits alone in its own bucket so that its chunk is the
-same on both pipeline stages that hold it.
+The flat layout of parameters, buckets and per-rank chunks is `parallel/buckets.py`'s.
 
 `GradBuffer` collects gradients with a post-accumulate-grad hook on every parameter:
 the hook adds `p.grad` into the bucket (in `train.grad_dtype`) and frees it, so
@@ -38,9 +30,7 @@ bucket at the end of each backward, ZeRO 0/1 all-reduce in `finish`. The result 
 the same to rounding. `finish()` launches what is left, waits for everything, applies
 the 1/(dp*sp) average and the TP and tied-embedding sums.
 
-`global_grad_norm` / `clip_gradients` / `reduce_gradients` keep the plain per-`.grad`
-versions (one collective, no buckets) for code that holds its gradients in `.grad`.
-The global norm counts every parameter element once: TP-sharded parameters
+The global norm (computed by the optimizer from the reduced buffers) counts every parameter element once: TP-sharded parameters
 (`p.tp_split_dim` set) contribute their shard on every TP rank, replicated ones only
 on TP rank 0, the last pipeline stage's copy of a tied embedding not at all, and the
 sum runs over the model-parallel group (tp x pp) (and, for sharded gradients, over
@@ -49,121 +39,14 @@ dp x sp, each rank counting its own chunks).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from megalite.parallel import comm
+from megalite.parallel.buckets import ALIGN, Bucket, BucketLayout  # noqa: F401 (re-exported)
 from megalite.topology import Group, Topology
-
-ALIGN = 64  # elements: each rank's chunk of a bucket is a multiple of this (256 B in fp32)
-
-
-# ---- layout --------------------------------------------------------------------------
-@dataclass(eq=False)
-class Bucket:
-    index: int
-    start: int  # offset of the bucket in the flat index space
-    size: int = 0  # padded length, a multiple of group_size * ALIGN
-    params: list = field(default_factory=list)  # (param, flat offset), in buffer order
-    numel: int = 0  # unpadded length
-
-    def chunk_size(self, group_size: int) -> int:
-        return self.size // group_size
-
-
-class BucketLayout:
-    """Where each parameter lives in the flat buffer and which chunks a rank owns.
-
-    `units`: lists of parameters that must share one bucket each (ZeRO 3 gathers one
-    unit per layer); otherwise buckets are cut at `bucket_numel`. `isolate`: parameters
-    that get a bucket of their own (a tied embedding). `sort_key`: inside a bucket,
-    parameters are stably sorted by it (the optimizer groups equal weight decay so one
-    AdamW call covers a stretch)."""
-
-    def __init__(self, params: list, group_size: int, bucket_numel: int, units=None,
-                 isolate=(), sort_key=None):
-        self.group_size = group_size
-        self.params = list(params)
-        isolated = {id(p) for p in isolate}
-        groups: list[list] = []
-        if units is not None:
-            groups = [list(u) for u in units if u]
-        else:
-            current, current_numel = [], 0
-            for p in self.params:
-                if id(p) in isolated:
-                    if current:
-                        groups.append(current)
-                    groups.append([p])
-                    current, current_numel = [], 0
-                    continue
-                current.append(p)
-                current_numel += p.numel()
-                if current_numel >= bucket_numel:
-                    groups.append(current)
-                    current, current_numel = [], 0
-            if current:
-                groups.append(current)
-        if sort_key is not None:
-            groups = [sorted(group, key=sort_key) for group in groups]
-        self.buckets: list[Bucket] = []
-        self.where: dict[int, tuple[Bucket, int]] = {}
-        multiple = group_size * ALIGN
-        start = 0
-        for i, group in enumerate(groups):
-            bucket = Bucket(i, start)
-            offset = start
-            for p in group:
-                bucket.params.append((p, offset))
-                self.where[id(p)] = (bucket, offset)
-                offset += p.numel()
-            bucket.numel = offset - start
-            bucket.size = max(multiple, -(-bucket.numel // multiple) * multiple)
-            self.buckets.append(bucket)
-            start += bucket.size
-        self.total = start
-        self.numel = sum(b.numel for b in self.buckets)
-        self.padding = self.total - self.numel
-        self.shard_size = self.total // group_size
-
-    def chunk(self, bucket: Bucket, rank: int) -> tuple[int, int]:
-        """Flat [start, end) of `rank`'s chunk of `bucket`."""
-        size = bucket.chunk_size(self.group_size)
-        return bucket.start + rank * size, bucket.start + (rank + 1) * size
-
-    def shard_offset(self, bucket: Bucket) -> int:
-        """Where `bucket`'s chunk starts in a rank's shard (chunks in bucket order)."""
-        return bucket.start // self.group_size
-
-    def segments(self, rank: int | None) -> list[tuple[int, int, int]]:
-        """(flat start, length, offset in the rank's space) of what `rank` owns; None: all
-        (the rank's space is then the flat space)."""
-        if rank is None:
-            return [(0, self.total, 0)]
-        out = []
-        for b in self.buckets:
-            start, end = self.chunk(b, rank)
-            out.append((start, end - start, self.shard_offset(b)))
-        return out
-
-    def pieces(self, rank: int | None) -> list[tuple]:
-        """(param, offset inside the flattened param, flat start, offset in the rank's
-        space, length) for every part of a parameter inside what `rank` owns."""
-        out = []
-        for b in self.buckets:
-            if rank is None:
-                flat_start, flat_end, space = b.start, b.start + b.size, b.start
-            else:
-                (flat_start, flat_end), space = self.chunk(b, rank), self.shard_offset(b)
-            for p, offset in b.params:
-                lo, hi = max(offset, flat_start), min(offset + p.numel(), flat_end)
-                if lo < hi:
-                    out.append((p, lo - offset, lo, space + lo - flat_start, hi - lo))
-        return out
-
 
 # ---- asynchronous collectives with byte counting and named errors -----------------------
 @dataclass(eq=False)
@@ -394,59 +277,13 @@ class GradBuffer:
         self.handles = []
 
 
-# ---- the plain per-.grad path -------------------------------------------------------------
-def reduce_gradients(params: list[torch.nn.Parameter], topo: Topology) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
-    if topo.tp > 1:
-        partial = [p.grad for p in params
-                   if p.grad is not None and getattr(p, "sequence_parallel_grad", False)]
-        _all_reduce_flat(partial, topo.tp_group, scale=1.0)
-    group = topo.dp_sp_group
-    if group.size > 1:
-        _all_reduce_flat(grads, group, scale=1.0 / group.size)
-
-
-def _all_reduce_flat(grads: list[torch.Tensor], group, scale: float) -> None:
-    """One collective for many tensors: flatten, reduce, scale, copy back."""
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    comm.all_reduce(flat, group)
-    if scale != 1.0:
-        flat.mul_(scale)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
+# ---- the global norm -------------------------------------------------------------------
 def counts_in_norm(p: torch.nn.Parameter, topo: Topology) -> bool:
     """Whether this rank's copy of `p` contributes to the global norm (once per element)."""
     if getattr(p, "pipeline_tied_copy", False):
         return False  # the first stage counts the tied embedding
     replicated = getattr(p, "tp_split_dim", None) is None
     return not (replicated and topo.tp_rank != 0)
-
-
-def global_grad_norm(params: list[torch.nn.Parameter], topo: Topology) -> float:
-    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    for p in params:
-        if p.grad is None or not counts_in_norm(p, topo):
-            continue
-        total += p.grad.detach().float().pow(2).sum()
-    comm.all_reduce(total, topo.model_parallel_group)
-    return math.sqrt(total.item())
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, topo: Topology) -> float:
-    """Scale gradients so the global norm is at most max_norm (0: no clipping); returns the norm."""
-    norm = global_grad_norm(params, topo)
-    coef = clip_coefficient(norm, max_norm)
-    if coef != 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
-    return norm
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:

@@ -32,6 +32,8 @@ elsewhere).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -133,10 +135,13 @@ class PipelineEngine:
         self.pending += [(w, t) for w, (t, _, _) in zip(works, sends)]
         return buf
 
-    def run(self, schedule: str, batches: list, weights: list[float]) -> torch.Tensor:
+    def run(self, schedule: str, batches: list, weights: list[float],
+            final_backward=contextlib.nullcontext) -> torch.Tensor:
         """Run `batches` [(inputs, targets, position_ids)] through the pipeline.
 
         `schedule`: gpipe | 1f1b | interleaved, or "forward" (no backward, no grad).
+        `final_backward()`: a context around this rank's last backward action, after which
+        no gradient changes (the data-parallel buckets reduce inside it).
         Returns the sum of weight * loss over micro-batches on the last stage, else 0.
         """
         self.m, self.batches = len(batches), batches
@@ -149,6 +154,7 @@ class PipelineEngine:
         self.pending, saved, self.peak_live = [], {}, 0
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         received = self._exchange([], self._needs_recv(plan[0]))
+        last_backward = max((i for i, a in enumerate(plan) if a[0] == "B"), default=-1)
         for step, (kind, chunk, mb) in enumerate(plan):
             vs = self._vstage(chunk)
             sends = []
@@ -170,7 +176,8 @@ class PipelineEngine:
                     self.peak_live = max(self.peak_live, len(saved))
             else:
                 x, out = saved.pop((chunk, mb))
-                torch.autograd.backward(out, None if vs == last_vstage else received)
+                with final_backward() if step == last_backward else contextlib.nullcontext():
+                    torch.autograd.backward(out, None if vs == last_vstage else received)
                 if vs > 0:
                     sends.append((x.grad, self._peer(-1), self._tag(True, vs - 1, mb)))
             following = plan[step + 1] if step + 1 < len(plan) else None
@@ -180,12 +187,3 @@ class PipelineEngine:
         self.pending = []
         return loss_sum
 
-
-def reduce_tied_gradients(model, topo: Topology) -> None:
-    """Sum the tied embedding's gradient over the first and last stage (its two copies)."""
-    if topo.embedding_group.size == 1 or model.cfg.tie_embeddings != "true":
-        return
-    weight = model.embed.weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    comm.all_reduce(weight.grad, topo.embedding_group)
