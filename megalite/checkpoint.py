@@ -1,20 +1,28 @@
-"""Checkpoints: a directory of safetensors files plus `index.json`, written atomically.
+"""Checkpoint format: sharded safetensors files plus `index.json`, committed atomically.
 
-Layout of `<checkpoint.dir>/step_NNNNNNN/` (the state after NNNNNNN optimizer updates):
+Layout of `<checkpoint.dir>/step_NNNNNNN/` (the state after NNNNNNN optimizer updates;
+docs/checkpoint-format.md has the full description):
 
-    index.json          step, data position, schedule/guard state, config, provenance,
-                        and for every file its sha256 and size, for every tensor its
-                        file, dtype and shape
-    model.safetensors   parameters by global name (embedding and head unpadded)
-    optim.safetensors   optimizer state by "<param name>/<state key>"
-    rng.safetensors     RNG states as uint8 tensors (no pickle anywhere)
+    index.json              step, data position, schedule / guard / loss-scaler state,
+                            layout, config, provenance; every file's sha256 and size;
+                            every tensor's kind, dtype, global shape, split dimension and
+                            the pieces (file + box of the global tensor) that hold it
+    model-RRRRR.safetensors parameters written by global rank RRRRR (its slices)
+    optim-RRRRR.safetensors fp32 Adam moments (and master weights under bf16/fp16)
+    rng-RRRRR.safetensors   that rank's RNG states as uint8 tensors (no pickle anywhere)
 
-A save goes to `step_NNNNNNN.tmp-<pid>/`, every file is fsynced, the directory is
-renamed into place and only then is `latest` (a one-line text file naming the step
-directory) replaced through a rename. A crash at any moment leaves the previous
-checkpoint loadable and never a directory that looks complete but is not. Loading
-checks every file's presence, size and checksum and every tensor's shape before any
-state is touched, and raises CheckpointError naming the file and what is wrong.
+Tensors are stored under their global names, unpadded; a file holds any box of a
+tensor, so a reader can assemble any slice for any layout (`CheckpointReader.read`).
+The trainer's choice of who writes what is in megalite/trainer_state.py.
+
+Saving: `begin_save` (rank 0) makes `step_NNNNNNN.tmp/`; every writer adds its files
+and a `part-RRRRR.json` describing them (`write_part`, fsynced); `commit` (rank 0)
+merges the parts into index.json, fsyncs, renames the directory into place and only
+then replaces `latest` (a one-line file naming the step directory) through a rename.
+A crash or kill at any moment leaves the previous checkpoint loadable and never a
+directory that looks complete but is not (no index.json, or a .tmp name). Loading
+checks every file's presence and size up front and each file's sha256 before its
+first read, and raises CheckpointError naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -29,12 +37,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from megalite.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX = "index.json"
 LATEST = "latest"
 
@@ -79,27 +87,69 @@ def provenance() -> dict:
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, files: dict[str, dict[str, torch.Tensor]],
-                    meta: dict, keep: int) -> Path:
-    """Write `files` ({file name: {tensor name: tensor}}) and `meta` as step `step`."""
+# ---- writing ---------------------------------------------------------------------------
+class Piece:
+    """A box [start, stop) of global tensor `name` held by `value` (the box's contents)."""
+
+    def __init__(self, name: str, value: torch.Tensor, start=None, info: dict | None = None):
+        self.name, self.value = name, value.detach()
+        self.start = list(start) if start is not None else [0] * value.dim()
+        self.info = info or {}  # kind, global shape, split_dim, vocab (see write_part)
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{step_dir_name(step)}.tmp"
+
+
+def begin_save(root: str | os.PathLike, step: int) -> Path:
+    """(One process.) A fresh, empty staging directory for step `step`."""
+    tmp = staging_dir(Path(root), step)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that crashed
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_part(tmp: Path, rank: int, files: dict[str, list[Piece]]) -> None:
+    """Write this process's files ({file name: pieces}) and the part-RRRRR.json that
+    describes them. Each piece's `info` gives "kind" (model|optim|rng) and "shape" (the
+    global shape); "split_dim"/"vocab" say how a layout cuts it (trainer_state.py)."""
+    part = {"files": {}, "tensors": {}}
+    for fname, pieces in files.items():
+        if not pieces:
+            continue
+        path = tmp / fname
+        save_file({p.name: p.value.contiguous().cpu() for p in pieces}, str(path))
+        _fsync(path)
+        part["files"][fname] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        for p in pieces:
+            stop = [s + n for s, n in zip(p.start, p.value.shape)]
+            part["tensors"][p.name] = {
+                **p.info, "dtype": str(p.value.dtype).removeprefix("torch."),
+                "pieces": [{"file": fname, "start": p.start, "stop": stop}]}
+    _write_text_atomic(tmp / f"part-{rank:05d}.json", json.dumps(part))
+
+
+def commit(root: str | os.PathLike, tmp: Path, step: int, meta: dict, keep: int,
+           ranks: range) -> Path:
+    """(One process, after every rank's `write_part`.) Merge the parts of `ranks` into
+    index.json, rename the staging directory into place, point `latest` at it, prune."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / step_dir_name(step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     index = {"format_version": FORMAT_VERSION, "step": step, **meta, **provenance(),
              "files": {}, "tensors": {}}
-    for fname, tensors in files.items():
-        path = tmp / fname
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-        _fsync(path)
-        index["files"][fname] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        for name, t in tensors.items():
-            index["tensors"][f"{fname}:{name}"] = {"dtype": str(t.dtype).removeprefix("torch."),
-                                                   "shape": list(t.shape)}
+    for rank in ranks:
+        path = tmp / f"part-{rank:05d}.json"
+        if not path.is_file():
+            raise CheckpointError(f"rank {rank} did not finish writing its part of checkpoint "
+                                  f"step {step} ('{path}' is missing); nothing was committed.")
+        part = json.loads(path.read_text())
+        index["files"].update(part["files"])
+        for name, entry in part["tensors"].items():
+            known = index["tensors"].setdefault(name, {**entry, "pieces": []})
+            known["pieces"] += entry["pieces"]
+        path.unlink()
     _write_text_atomic(tmp / INDEX, json.dumps(index, indent=1))
     _fsync(tmp)
+    final = root / step_dir_name(step)
     if final.exists():  # a re-save of the same step (resume, then stop at once) replaces it
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -109,17 +159,29 @@ def save_checkpoint(root: str | os.PathLike, step: int, files: dict[str, dict[st
     return final
 
 
+def save_checkpoint(root: str | os.PathLike, step: int, files: dict[str, dict[str, torch.Tensor]],
+                    meta: dict, keep: int) -> Path:
+    """One process writes whole global tensors, {file name: {tensor name: tensor}}; the
+    file name's prefix before "." or "-" is the tensors' kind (model.safetensors: model).
+    For tools (import, reshard --consolidate) and tests."""
+    tmp = begin_save(root, step)
+    write_part(tmp, 0, {fname: [Piece(n, t, info={"kind": fname.split(".")[0].split("-")[0],
+                                                  "shape": list(t.shape)})
+                                for n, t in tensors.items()]
+                        for fname, tensors in files.items()})
+    return commit(root, tmp, step, meta, keep, range(1))
+
+
 def _prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop stale temporary directories."""
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
+    """Keep the newest `keep` complete checkpoints; drop other staging directories."""
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and ".tmp" not in p.name)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("step_*.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid != str(os.getpid()):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob("step_*.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
+# ---- reading ---------------------------------------------------------------------------
 def resolve_checkpoint(spec: str, root: str | os.PathLike) -> Path:
     """`latest` -> the step directory `root/latest` names; otherwise a path to a step dir."""
     root = Path(root)
@@ -142,8 +204,21 @@ def resolve_checkpoint(spec: str, root: str | os.PathLike) -> Path:
     return path
 
 
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A step directory, or the latest checkpoint of a run or checkpoints directory."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if (root / LATEST).is_file():
+            return resolve_checkpoint("latest", root)
+    raise CheckpointError(f"no checkpoint found at '{path}': pass a run directory, its "
+                          f"checkpoints/ directory, or a step_NNNNNNN directory.")
+
+
 def read_index(path: str | os.PathLike, verify: bool = True) -> dict:
-    """Read and check a checkpoint's index; with `verify`, also sizes and sha256 of every file."""
+    """Read a checkpoint's index and check every file's presence and size; with
+    `verify`, also every file's sha256 (readers otherwise check each file they open)."""
     path = Path(path)
     try:
         index = json.loads((path / INDEX).read_text())
@@ -153,33 +228,86 @@ def read_index(path: str | os.PathLike, verify: bool = True) -> dict:
     if index.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"'{path}' has format version {index.get('format_version')}, "
                               f"this megalite reads {FORMAT_VERSION}.")
-    for fname, info in index["files"].items():
-        file = path / fname
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint file '{file}' is missing; the checkpoint is "
-                                  f"incomplete: resume from an earlier one.")
-        size = file.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"checkpoint file '{file}' has {size} bytes, the index says "
-                                  f"{info['bytes']}: it is truncated or damaged.")
-        if verify and _sha256(file) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file '{file}' fails its sha256 check: it is "
-                                  f"corrupted. Resume from an earlier checkpoint.")
+    for fname in index["files"]:
+        check_file(path, index, fname, checksum=verify)
     return index
 
 
-def load_tensors(path: str | os.PathLike, fname: str) -> dict[str, torch.Tensor]:
-    file = Path(path) / fname
-    try:
-        return load_file(str(file))
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"checkpoint file '{file}' cannot be read ({e}).") from None
+def check_file(path: Path, index: dict, fname: str, checksum: bool = True) -> None:
+    file, info = Path(path) / fname, index["files"][fname]
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file '{file}' is missing; the checkpoint is "
+                              f"incomplete: resume from an earlier one.")
+    size = file.stat().st_size
+    if size != info["bytes"]:
+        raise CheckpointError(f"checkpoint file '{file}' has {size} bytes, the index says "
+                              f"{info['bytes']}: it is truncated or damaged.")
+    if checksum and _sha256(file) != info["sha256"]:
+        raise CheckpointError(f"checkpoint file '{file}' fails its sha256 check: it is "
+                              f"corrupted. Resume from an earlier checkpoint.")
 
 
-def check_shapes(index: dict, fname: str, expected: dict[str, torch.Size], what: str) -> None:
+class CheckpointReader:
+    """Assembles any box of any stored tensor from the pieces that hold it."""
+
+    def __init__(self, path: str | os.PathLike, index: dict | None = None):
+        self.path = Path(path)
+        self.index = index if index is not None else read_index(path, verify=False)
+        self.tensors = self.index["tensors"]
+        self._checked: set[str] = set()
+
+    def names(self, kind: str) -> list[str]:
+        return [n for n, e in self.tensors.items() if e["kind"] == kind]
+
+    def read(self, name: str, start=None, stop=None) -> torch.Tensor:
+        """Global tensor `name`, or its box [start, stop) (lists, one entry per dim)."""
+        entry = self.tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"checkpoint '{self.path}' has no tensor '{name}': it was "
+                                  f"written for another model or is incomplete.")
+        shape = entry["shape"]
+        start = list(start) if start is not None else [0] * len(shape)
+        stop = list(stop) if stop is not None else list(shape)
+        out = torch.empty([b - a for a, b in zip(start, stop)],
+                          dtype=getattr(torch, entry["dtype"]))
+        covered = 0
+        for piece in entry["pieces"]:
+            lo = [max(a, s) for a, s in zip(start, piece["start"])]
+            hi = [min(b, e) for b, e in zip(stop, piece["stop"])]
+            if any(h <= low for low, h in zip(lo, hi)):
+                continue
+            src = tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, piece["start"]))
+            dst = tuple(slice(low - a, h - a) for low, h, a in zip(lo, hi, start))
+            out[dst] = self._slice(piece["file"], name, src)
+            covered += out[dst].numel()
+        if covered != out.numel():
+            raise CheckpointError(f"checkpoint '{self.path}': the pieces of '{name}' cover "
+                                  f"{covered} of the {out.numel()} elements asked for; the "
+                                  f"index is inconsistent.")
+        return out
+
+    def _slice(self, fname: str, name: str, box: tuple) -> torch.Tensor:
+        if fname not in self._checked:
+            check_file(self.path, self.index, fname)
+            self._checked.add(fname)
+        try:
+            with safe_open(str(self.path / fname), framework="pt") as f:
+                return f.get_slice(name)[box] if box else f.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"checkpoint file '{self.path / fname}' cannot be read "
+                                  f"({e}).") from None
+
+
+def read_model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every model parameter of a checkpoint as its unpadded global tensor, by global name,
+    whatever layout wrote it (the reader for tools: export, generate, inspect)."""
+    reader = CheckpointReader(path)
+    return {name: reader.read(name) for name in reader.names("model")}
+
+
+def check_shapes(index: dict, expected: dict[str, tuple], what: str = "model") -> None:
     """Fail before loading when the checkpoint holds another model shape."""
-    stored = {k.split(":", 1)[1]: tuple(v["shape"]) for k, v in index["tensors"].items()
-              if k.startswith(fname + ":")}
+    stored = {n: tuple(e["shape"]) for n, e in index["tensors"].items() if e["kind"] == what}
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     if missing or extra:
@@ -193,16 +321,10 @@ def check_shapes(index: dict, fname: str, expected: dict[str, torch.Size], what:
                                   f"Resume with the config the checkpoint was saved with.")
 
 
-def read_model_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every model parameter of a checkpoint as its unpadded global tensor, by global name,
-    whatever layout wrote it (the reader for tools: export, generate, inspect)."""
-    return load_tensors(path, "model.safetensors")
-
-
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, index: dict) -> None:
     """Copy the checkpoint's model tensors into a single-device model after checking shapes."""
     params = dict(model.named_parameters())  # tied weights appear once
-    check_shapes(index, "model.safetensors", {n: p.shape for n, p in params.items()}, "model")
+    check_shapes(index, {n: tuple(p.shape) for n, p in params.items()})
     state = read_model_tensors(path)
     with torch.no_grad():
         for name, p in params.items():

@@ -26,7 +26,7 @@ from megalite import distributed
 from megalite.config import resolve, save_yaml
 from megalite.data.build import build_data
 from megalite.data.sampler import BatchSampler
-from megalite.errors import CheckpointError, ConfigError
+from megalite.errors import ConfigError
 from megalite.guard import StepGuard
 from megalite.metrics import MetricsLogger, console_line, flops_per_token, memory_stats, mfu, peak_flops
 from megalite.optim.schedule import LRSchedule
@@ -34,8 +34,7 @@ from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
 from megalite.parallel.build import build_model, shard_batch
 from megalite.parallel.pipeline import PipelineEngine
-from megalite.parallel.stage import stage_spec
-from megalite.model import Transformer
+from megalite.trainer_state import load_trainer_state, partitioning, save_trainer_state
 
 
 class StopSignal:
@@ -232,9 +231,7 @@ class Trainer:
 
     def num_params(self) -> int:
         """Parameters of the whole model (unpadded global shapes), whatever the layout."""
-        if self.topo.pp > 1:
-            return sum(p.numel() for p in self._meta_model().parameters())
-        return sum(math.prod(getattr(p, "global_shape", p.shape)) for p in self.model.parameters())
+        return sum(math.prod(info["shape"]) for info in partitioning(self.cfg.model).values())
 
     def _print_memory_report(self) -> None:
         """Every rank's parameter/gradient/optimizer bytes next to the ZeRO formula, in its
@@ -247,16 +244,6 @@ class Trainer:
         print(f"[megalite] rank {self.topo.rank} memory: zero {r['zero']} over {r['shards']} "
               f"ranks, psi {r['psi']:,}: {terms}", flush=True)
 
-    def _meta_model(self, pp_rank: int | None = None) -> Transformer:
-        """The single-device model (or pipeline rank `pp_rank`'s stage) on the meta
-        device: global names and unpadded global shapes, no memory."""
-        cfg = self.cfg
-        stage = (None if pp_rank is None else
-                 stage_spec(cfg.model.num_layers, self.topo.pp, cfg.parallel.virtual_stages,
-                            pp_rank, cfg.parallel.stage_layers))
-        with torch.device("meta"):
-            return Transformer(cfg.model, stage=stage)
-
     def _agreed_stop(self, stop: StopSignal) -> bool:
         """All ranks stop together: a signal may reach only some of them."""
         flag = torch.tensor([1.0 if stop.received else 0.0])
@@ -265,110 +252,27 @@ class Trainer:
         return flag.item() > 0
 
     # ---- checkpoints ---------------------------------------------------------------
-    def _named_params(self, owned: bool = False) -> dict[str, torch.Tensor]:
-        """Tied weights appear once; `owned` leaves out the last pipeline stage's copy of a
-        tied embedding (the first stage saves it)."""
-        return {n: p for n, p in self.model.named_parameters()
-                if not (owned and getattr(p, "pipeline_tied_copy", False))}
-
-    def _gather_stages(self, params: dict, optim_state: dict) -> None:
-        """Bring every pipeline stage's global tensors to global rank 0, which writes them.
-
-        Stage s's (tp, sp, dp) = 0 rank sends its tensors in name order with plain p2p;
-        rank 0 knows names and shapes from a meta-device copy of that stage.
-        """
-        topo = self.topo
-        lead = topo.tp_rank == 0 and topo.sp_rank == 0 and topo.dp_rank == 0
-        state_keys = sorted({k.split("/", 1)[1] for k in optim_state})
-        if lead and topo.pp_rank > 0:
-            for name in sorted(params):
-                dist.send(params[name].contiguous(), 0)
-                for key in state_keys:
-                    dist.send(optim_state[f"{name}/{key}"].contiguous(), 0)
-        elif self.main:
-            step = optim_state.get(f"{next(iter(params))}/step") if state_keys else None
-            for stage in range(1, topo.pp):
-                src = stage * topo.tp * topo.sp * topo.dp
-                stage_params = {n: p for n, p in self._meta_model(stage).named_parameters()
-                                if not getattr(p, "pipeline_tied_copy", False)}
-                for name in sorted(stage_params):
-                    shape = stage_params[name].shape
-                    params[name] = torch.empty(shape, dtype=self.optimizer.model_dtype)
-                    dist.recv(params[name], src)
-                    for key in state_keys:
-                        buf = (torch.empty_like(step) if key == "step"
-                               else torch.empty(shape, dtype=torch.float32))
-                        dist.recv(buf, src)
-                        optim_state[f"{name}/{key}"] = buf
-
-    def _rng_states(self) -> dict[str, torch.Tensor]:
-        """Every rank's CPU (and CUDA) RNG state; dropout streams differ per rank."""
-        states = {"torch_cpu": torch.get_rng_state()}
-        if self.device.startswith("cuda"):
-            states["torch_cuda"] = torch.cuda.get_rng_state()
-        if not dist.is_initialized():
-            return {f"{k}_rank0": v for k, v in states.items()}
-        out = {}
-        for key, state in states.items():
-            parts = [torch.empty_like(state) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, state)
-            out.update({f"{key}_rank{r}": t for r, t in enumerate(parts)})
-        return out
-
     def save(self) -> Path:
-        """Gather unpadded global tensors (layout-independent); global rank 0 writes them."""
-        params, optim_state = self.optimizer.param_tensors(), self.optimizer.state_tensors()
-        if self.topo.pp > 1:
-            self._gather_stages(params, optim_state)
-        rng = self._rng_states()
-        path = self.ckpt_dir / ckpt.step_dir_name(self.step)
-        if self.main:
-            meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
-                    "sampler": self.sampler.state_dict(), "loss": self.last_loss,
-                    "tokenizer": str(self.data.tokenizer.path),
-                    "schedule": self.schedule.state_dict(), "guard": self.guard.state_dict(),
-                    "scaler": self.optimizer.scaler and self.optimizer.scaler.state_dict(),
-                    "layout": {k: getattr(self.cfg.parallel, k)
-                               for k in ("tp", "pp", "dp", "sp", "zero")},
-                    "config": self.cfg.to_dict()}
-            path = ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, {"model.safetensors": params,
-                                           "optim.safetensors": optim_state,
-                                           "rng.safetensors": rng}, meta, self.cfg.checkpoint.keep)
-        if dist.is_initialized():
-            dist.barrier()  # nobody moves on (or exits) before the checkpoint is complete
+        """Every rank writes its own shards (trainer_state.py); rank 0 commits the index."""
+        meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
+                "sampler": self.sampler.state_dict(), "loss": self.last_loss,
+                "tokenizer": str(self.data.tokenizer.path),
+                "schedule": self.schedule.state_dict(), "guard": self.guard.state_dict(),
+                "scaler": self.optimizer.scaler and self.optimizer.scaler.state_dict(),
+                "config": self.cfg.to_dict()}
+        path = save_trainer_state(self, meta)
         self.last_saved, self.last_saved_path = self.step, path
         return path
 
     def load(self, path: Path) -> None:
-        """Restore everything from a checkpoint; every check runs before any state changes."""
-        index = ckpt.read_index(path)
-        params = self._named_params()
-        # Every stage checks against the whole model: a checkpoint holds all stages.
-        whole = dict(self._meta_model().named_parameters()) if self.topo.pp > 1 else params
-        ckpt.check_shapes(index, "model.safetensors",
-                          {n: tuple(getattr(p, "global_shape", p.shape)) for n, p in whole.items()},
-                          "model")
-        model_state = ckpt.load_tensors(path, "model.safetensors")
-        optim_state = ckpt.load_tensors(path, "optim.safetensors")
-        rng = ckpt.load_tensors(path, "rng.safetensors")
-        for name in {k.split("/")[0] for k in optim_state}:
-            if name not in whole:
-                raise CheckpointError(f"'{path}/optim.safetensors' holds state for unknown "
-                                      f"parameter '{name}'.")
+        """Restore everything from a checkpoint written in any layout; every check runs
+        before any state changes."""
+        index = load_trainer_state(self, path)
         self.schedule.load_state_dict(index["schedule"], strict=False)
-        # The fp32 master, where a bf16/fp16 run saved one, is the parameter's true value.
-        values = {n: optim_state.get(f"{n}/master", model_state[n]) for n in params}
-        self.optimizer.load_state_tensors(optim_state, params=values)
         if self.optimizer.scaler is not None and index.get("scaler"):
             self.optimizer.scaler.load_state_dict(index["scaler"])
         self.sampler.load_state_dict(index["sampler"])
         self.guard.load_state_dict(index["guard"])
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        own = f"_rank{rank}" if f"torch_cpu_rank{rank}" in rng else "_rank0"
-        torch.set_rng_state(rng["torch_cpu" + own])
-        if self.device.startswith("cuda") and "torch_cuda" + own in rng:
-            torch.cuda.set_rng_state(rng["torch_cuda" + own])
         self.step = index["step"]
         self.last_loss = index["loss"]
         self.last_saved, self.last_saved_path = self.step, path

@@ -17,19 +17,8 @@ from megalite import checkpoint as ckpt  # noqa: E402
 from megalite.cli import run_main  # noqa: E402
 from megalite.config import config_from_dict  # noqa: E402
 from megalite.data.tokenizer import Tokenizer  # noqa: E402
-from megalite.errors import CheckpointError  # noqa: E402
 from megalite.model import Transformer  # noqa: E402
 from megalite.sampling import generate  # noqa: E402
-
-
-def find_checkpoint(path: Path) -> Path:
-    if (path / ckpt.INDEX).is_file():
-        return path
-    for root in (path / "checkpoints", path):
-        if (root / ckpt.LATEST).is_file():
-            return ckpt.resolve_checkpoint("latest", root)
-    raise CheckpointError(f"no checkpoint found at '{path}': pass a run directory, its "
-                          f"checkpoints/ directory, or a step_NNNNNNN directory.")
 
 
 def generate_main(argv):
@@ -42,7 +31,7 @@ def generate_main(argv):
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    path = find_checkpoint(args.path)
+    path = ckpt.find_checkpoint(args.path)
     index = ckpt.read_index(path)
     cfg = config_from_dict(index["config"])
     model = Transformer(cfg.model)

@@ -51,11 +51,13 @@ The trainer's step:
 `micro_batch(is_last)` only tells ZeRO 0/1 when to start the overlapped all-reduce;
 without it (the pipeline engine's backwards) everything is reduced in `prepare_step`,
 which is correct, just not overlapped. Checkpoints: `state_tensors()` returns
-per-parameter global tensors "name/exp_avg", "name/exp_avg_sq", "name/step" (and
-"name/master", the fp32 master, when the model is bf16/fp16), gathered over dp x sp
-and TP; `load_state_tensors(tensors, params)` slices them back for this layout
-(`params`: the checkpoint's global model tensors, required under ZeRO 3).
-`param_tensors()` gives the global model parameters (ZeRO 3 gathers them).
+per-parameter tensors "name/exp_avg", "name/exp_avg_sq" (and "name/master", the fp32
+master, when the model is bf16/fp16), gathered over dp x sp, and over TP too unless
+`tp_global=False` (then this TP rank's padded shard); `step_count` is the shared
+AdamW step. `load_state_tensors(tensors, params, step)` takes the same shapes back for
+this layout (`params`: the model tensors, required under ZeRO 3). `param_tensors()`
+gives the model parameters (ZeRO 3 gathers them); `grad_tensors()` the reduced
+gradients.
 `memory_report()` gives this rank's bytes next to the ZeRO paper's formula.
 """
 
@@ -331,22 +333,27 @@ class ZeroOptimizer:
     def _owned_named(self):
         return [(n, p) for n, p in self.named if not getattr(p, "pipeline_tied_copy", False)]
 
+    def _per_param(self, flat: torch.Tensor, tp_global: bool, key: str = "") -> dict:
+        """Split a whole-layout flat tensor into the owned parameters' tensors."""
+        out = {}
+        for name, p in self._owned_named():
+            off = self.where[id(p)]
+            local = flat[off:off + p.numel()].view(p.shape)
+            out[f"{name}/{key}" if key else name] = (to_global(p, local, self.topo)
+                                                    if tp_global else local.clone())
+        return out
+
     @torch.no_grad()
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """{"name/exp_avg", "name/exp_avg_sq", "name/step"[, "name/master"]: global tensor},
-        for the parameters this stage owns; every rank of the topology must call it."""
+    def state_tensors(self, tp_global: bool = True) -> dict[str, torch.Tensor]:
+        """{"name/exp_avg", "name/exp_avg_sq"[, "name/master"]: tensor} for the parameters
+        this stage owns; every rank of the topology must call it."""
         flats = {"exp_avg": self._full_flat(self.exp_avg),
                  "exp_avg_sq": self._full_flat(self.exp_avg_sq)}
         if self.model_dtype != torch.float32:
             flats["master"] = self._full_flat(self.master)
-        step = torch.tensor(float(self.step_count))
         out = {}
-        for name, p in self._owned_named():
-            off = self.where[id(p)]
-            for key, flat in flats.items():
-                local = flat[off:off + p.numel()].view(p.shape)
-                out[f"{name}/{key}"] = to_global(p, local, self.topo)
-            out[f"{name}/step"] = step.clone()
+        for key, flat in flats.items():
+            out.update(self._per_param(flat, tp_global, key))
         return out
 
     @torch.no_grad()
@@ -359,15 +366,15 @@ class ZeroOptimizer:
             flat = self.grads.full.clone()
             if self.stage == 1:  # only this rank's chunks hold the reduced sum
                 self._all_gather_flat(flat)
-        return {name: to_global(p, flat[self.where[id(p)]:self.where[id(p)] + p.numel()]
-                                .view(p.shape), self.topo)
-                for name, p in self._owned_named()}
+        return self._per_param(flat, tp_global=True)
 
     @torch.no_grad()
-    def param_tensors(self) -> dict[str, torch.Tensor]:
-        """The global model parameters (model dtype) this stage owns, by name."""
+    def param_tensors(self, tp_global: bool = True) -> dict[str, torch.Tensor]:
+        """The model parameters (model dtype) this stage owns, by name."""
         with self.gathered_params():
-            return {n: to_global(p, p.detach().clone(), self.topo) for n, p in self._owned_named()}
+            # clones: under ZeRO 3 the gathered storage is freed on leaving
+            return {n: to_global(p, p.detach().clone(), self.topo) if tp_global
+                    else p.detach().clone() for n, p in self._owned_named()}
 
     @contextlib.contextmanager
     def gathered_params(self):
@@ -382,7 +389,8 @@ class ZeroOptimizer:
         finally:
             self.gather.free_all()
 
-    def _flat_from(self, tensors: dict, key: str, required: bool) -> torch.Tensor | None:
+    def _flat_from(self, tensors: dict, key: str, required: bool,
+                   tp_global: bool) -> torch.Tensor | None:
         flat = torch.zeros(self.layout.total, dtype=torch.float32, device=self.device)
         for name, p in self.named:
             value = tensors.get(f"{name}/{key}" if key else name)
@@ -393,16 +401,19 @@ class ZeroOptimizer:
                                           f"model or is incomplete.")
                 return None
             off = self.where[id(p)]
-            local = to_local(p, value.to(self.device, torch.float32), self.topo)
+            value = value.to(self.device, torch.float32)
+            local = to_local(p, value, self.topo) if tp_global else value
             flat[off:off + p.numel()] = local.reshape(-1)
         return flat
 
     @torch.no_grad()
-    def load_state_tensors(self, tensors: dict, params: dict | None = None) -> None:
-        """Restore from per-parameter global tensors (`state_tensors()`'s format) and, when
-        given, the global model parameters `params` (name -> tensor)."""
+    def load_state_tensors(self, tensors: dict, params: dict | None = None, step: int = 0,
+                           tp_global: bool = True) -> None:
+        """Restore from per-parameter tensors (`state_tensors(tp_global)`'s format), the
+        AdamW step count, and, when given, the model parameters `params` (name -> tensor;
+        every parameter this rank holds, a tied copy included)."""
         if params is not None:
-            flat = self._flat_from(params, "", required=True)
+            flat = self._flat_from(params, "", required=True, tp_global=tp_global)
             if self.stage < 3:
                 self.param_flat.copy_(flat)
             else:
@@ -412,15 +423,14 @@ class ZeroOptimizer:
         if not tensors:
             return
         for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            target.copy_(self._extract(self._flat_from(tensors, key, required=True)))
-        master = self._flat_from(tensors, "master", required=False)
+            target.copy_(self._extract(self._flat_from(tensors, key, True, tp_global)))
+        master = self._flat_from(tensors, "master", False, tp_global)
         if self.separate_master:
             if master is not None:
                 self.master.copy_(self._extract(master))
             elif params is None and self.stage < 3:
                 self.master.copy_(self._extract(self.param_flat.float()))
-        steps = [v for k, v in tensors.items() if k.endswith("/step")]
-        self.step_count = int(steps[0].item()) if steps else 0
+        self.step_count = step
 
     # ---- memory ------------------------------------------------------------------------------
     def memory_report(self) -> dict:
