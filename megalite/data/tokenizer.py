@@ -1,16 +1,24 @@
-"""The sentencepiece tokenizer: training a lossless BPE model and loading it.
+"""The tokenizer: training a lossless sentencepiece BPE model, and loading one.
 
 A pretraining tokenizer must give back exactly the text it was fed: code depends on
 newlines, tabs, runs of spaces and leading spaces. sentencepiece's defaults are made
 for natural-language sentences (NFKC normalisation, whitespace squashing, a dummy
 leading space), so training turns all of that off and adds byte fallback, which lets
 any character outside the vocabulary travel as raw UTF-8 bytes instead of <unk>.
+
+`Tokenizer` also opens a Hugging Face `tokenizer.json` (the `tokenizers` library), so
+a model imported with tools/import_hf.py keeps its own vocabulary for prepare_data and
+training. Its special tokens come from the `tokenizer_config.json` beside it. Either
+kind encodes raw text only: no BOS/EOS is added (prepare.py appends the EOS), and the
+text of a special token ("</s>" inside a document) is encoded as ordinary text, as
+sentencepiece does, so a document cannot forge a document boundary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -103,44 +111,93 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class _HFTokenizer:
+    """A Hugging Face tokenizer.json, with the same interface as a SentencePieceProcessor."""
+
+    # Used when no tokenizer_config.json names the special tokens.
+    EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+    BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>")
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as Backend  # only needed for imported tokenizers
+
+        self._tok = Backend.from_file(str(path))
+        self._tok.encode_special_tokens = True  # "</s>" in a document is text (see top)
+        config_path = path.with_name("tokenizer_config.json")
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self._eos = self._special(config.get("eos_token"), self.EOS_NAMES)
+        self._bos = self._special(config.get("bos_token"), self.BOS_NAMES)
+
+    def _special(self, named, fallbacks) -> int:
+        if isinstance(named, dict):  # a serialised AddedToken
+            named = named.get("content")
+        for name in [named] if named else fallbacks:
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return -1
+
+    def get_piece_size(self) -> int:
+        # Added tokens may sit above the model's vocabulary: the largest id decides.
+        return max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+
+    def eos_id(self) -> int:
+        return self._eos
+
+    def bos_id(self) -> int:
+        return self._bos
+
+    def encode(self, text: str, out_type=int) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        # sentencepiece prints nothing for control tokens; do the same.
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
 class Tokenizer:
-    """A trained sentencepiece model: text <-> token ids, plus the special ids."""
+    """A trained sentencepiece model (.model) or a Hugging Face tokenizer.json: text <->
+    token ids, plus the special ids."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError(f"tokenizer model '{self.path}' does not exist. Train one with "
                             f"`python tools/train_tokenizer.py FILES --out PREFIX` or set "
-                            f"--data.tokenizer to an existing .model file.")
+                            f"--data.tokenizer to an existing .model (or tokenizer.json) file.")
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (OSError, RuntimeError) as e:
-            raise DataError(f"tokenizer model '{self.path}' is not a sentencepiece model "
-                            f"({e}). Point --data.tokenizer at a .model file written by "
-                            f"tools/train_tokenizer.py.") from None
+            self._backend = (_HFTokenizer(self.path) if self.path.suffix == ".json"
+                             else spm.SentencePieceProcessor(model_file=str(self.path)))
+        except Exception as e:  # tokenizers reports a malformed file as a bare Exception
+            kind = "Hugging Face tokenizer.json" if self.path.suffix == ".json" else \
+                "sentencepiece model"
+            raise DataError(f"tokenizer '{self.path}' is not a {kind} ({e}). Point "
+                            f"--data.tokenizer at a .model file written by "
+                            f"tools/train_tokenizer.py or a tokenizer.json.") from None
         if self.eos_id < 0:
-            raise DataError(f"tokenizer model '{self.path}' has no end-of-sequence token, "
-                            f"which separates documents. Retrain it with "
-                            f"tools/train_tokenizer.py.")
+            raise DataError(f"tokenizer '{self.path}' has no end-of-sequence token, which "
+                            f"separates documents. Retrain it with tools/train_tokenizer.py "
+                            f"(or name one as eos_token in the tokenizer_config.json beside a "
+                            f"tokenizer.json).")
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return self._backend.get_piece_size()
 
     @property
     def eos_id(self) -> int:
-        return self._sp.eos_id()
+        return self._backend.eos_id()
 
     @property
     def bos_id(self) -> int:
-        return self._sp.bos_id()
+        return self._backend.bos_id()
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text, out_type=int)
+        return self._backend.encode(text, out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
         # numpy integers are not accepted by sentencepiece's bindings.
-        return self._sp.decode([int(i) for i in ids])
+        return self._backend.decode([int(i) for i in ids])
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

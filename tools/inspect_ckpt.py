@@ -1,0 +1,33 @@
+"""Print a checkpoint's metadata and verify every file's checksum.
+
+    python tools/inspect_ckpt.py RUN_DIR|CHECKPOINTS_DIR|CHECKPOINT_DIR
+
+Prints step, data position, loss, layout, the model and training config, the tensors,
+and each file with its size and sha256 status. Exits 2 with the reason when a file is
+missing, truncated or corrupted (the report still shows which one).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megalite.cli import run_main  # noqa: E402
+from megalite.inspect_ckpt import inspect_checkpoint  # noqa: E402
+
+
+def inspect_main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", type=Path, help="run, checkpoints or step directory")
+    args = parser.parse_args(argv)
+    lines, error = inspect_checkpoint(args.path)
+    print("\n".join(lines), flush=True)
+    if error is not None:
+        raise error
+    print("checksums: all files OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(inspect_main))
