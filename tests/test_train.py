@@ -176,3 +176,21 @@ def test_generate_tool_samples_from_a_run(reference):
     missing = subprocess.run([sys.executable, "tools/generate.py", str(reference / "nothing")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
+
+
+@pytest.mark.parametrize("layout", [
+    ["--parallel.dp=2", "--parallel.zero=3", "--train.precision=bf16",
+     "--train.recompute=full", "--model.dropout=0"],
+    ["--parallel.pp=2", "--parallel.dp=2", "--parallel.zero=2", "--train.precision=fp16",
+     "--train.micro_batch_size=2", "--optim.offload=cpu"],
+    ["--parallel.tp=2", "--parallel.sp=2", "--parallel.tp_sp=true", "--parallel.zero=1",
+     "--train.recompute=selective", "--model.dropout=0"],
+], ids=["dp2-zero3-bf16-full", "pp2-dp2-zero2-fp16-offload", "tp2-sp2-zero1-selective"])
+def test_launcher_runs_layout_precision_combinations(cache, tmp_path, layout):
+    out = subprocess.run(["./launch.sh", *tiny_args(cache, tmp_path, steps=3),
+                          "--train.eval_every=0", *layout],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert final[-1]["step"] == 3 and final[-1]["loss"] == final[-1]["loss"]  # finite
+    assert ckpt.resolve_checkpoint("latest", tmp_path / "checkpoints").name == "step_0000003"
