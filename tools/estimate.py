@@ -1,0 +1,125 @@
+"""Memory per rank and FLOPs of a config and layout, or the layouts that fit a cluster.
+
+    python tools/estimate.py [--config] CONFIG.yaml [--section.key=value ...] [--json]
+    python tools/estimate.py CONFIG.yaml --plan [--gpus-per-node 8] [--nodes 1]
+        [--gpu-memory-gb 80] [--peak-tflops 989] [--intra-gbps 450] [--inter-gbps 50]
+        [--efficiency 0.5] [--top 10] [--json]
+
+No data or weights are read: give model.vocab_size. The device is train.device, cuda
+when it is auto. Without --plan: parameters, FLOPs per iteration and the bytes per
+rank of every pipeline stage (params, grads, optimizer, activations, buffers), the
+most loaded first in --json's `memory_bytes`. With --plan: the fastest layouts of
+nodes x gpus-per-node GPUs that fit, each with the launch.sh command that runs it.
+Bandwidths are GB/s per GPU in one direction. See docs/estimate.md.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megalite.cli import run_main  # noqa: E402
+from megalite.config import load_config, parse_overrides  # noqa: E402
+from megalite.errors import ConfigError  # noqa: E402
+from megalite.estimate import MEMORY_KEYS, estimate, prepare  # noqa: E402
+from megalite.planner import Cluster, command_line, layout_of, plan  # noqa: E402
+
+SWITCHES = ("json", "plan")
+CLUSTER_FLAGS = {"gpus-per-node": (int, 8), "nodes": (int, 1), "gpu-memory-gb": (float, 80.0),
+                 "peak-tflops": (float, 989.0), "intra-gbps": (float, 450.0),
+                 "inter-gbps": (float, 50.0), "efficiency": (float, 0.5)}
+GIB = 2 ** 30
+
+
+def parse(argv: list[str]):
+    """(config path, overrides, switches, flags) from the command line."""
+    switches = {s for s in SWITCHES if f"--{s}" in argv}
+    argv = [a for a in argv if a.lstrip("-") not in switches or not a.startswith("--")]
+    path = None
+    if argv and not argv[0].startswith("--"):
+        path, argv = argv[0], argv[1:]
+    overrides, flags = parse_overrides(argv)
+    path = flags.pop("config", path)
+    known = set(CLUSTER_FLAGS) | {"top"}
+    for flag in flags:
+        if flag not in known:
+            raise ConfigError(f"unknown flag '--{flag}'. Known: --config, --json, --plan, "
+                              f"{', '.join('--' + k for k in sorted(known))}; config keys "
+                              f"look like --model.hidden_size=1024.")
+    values = {}
+    for flag, (kind, default) in {**CLUSTER_FLAGS, "top": (int, 10)}.items():
+        try:
+            values[flag] = kind(flags.get(flag, default))
+        except ValueError:
+            raise ConfigError(f"--{flag}={flags[flag]!r} must be a number "
+                              f"({kind.__name__}), e.g. --{flag}={default}.") from None
+    return path, overrides, switches, values
+
+
+def estimate_main(argv: list[str]) -> int:
+    path, overrides, switches, values = parse(argv)
+    cfg = load_config(path, overrides)
+    if "plan" in switches:
+        cluster = Cluster(**{k.replace("-", "_"): v for k, v in values.items() if k != "top"})
+        plans = plan(prepare(cfg, check=False), cluster, values["top"])
+        for p in plans:
+            p["command"] = command_line(path, overrides, p["layout"], cluster)
+        if "json" in switches:
+            print(json.dumps({"cluster": vars(cluster), "plans": plans}, indent=1))
+        else:
+            print_plans(plans, cluster)
+        return 0
+    cfg = prepare(cfg)
+    result = estimate(cfg)
+    result["layout"] = layout_of(cfg)
+    result["device"] = cfg.train.device
+    if "json" in switches:
+        print(json.dumps(result, indent=1))
+    else:
+        print_estimate(result, cfg)
+    return 0
+
+
+def print_estimate(result: dict, cfg) -> None:
+    m, t = cfg.model, cfg.train
+    print(f"model: {m.preset}, {result['param_count'] / 1e9:.3f} B parameters, "
+          f"{result['flops_per_iteration']:.3e} model FLOPs per iteration "
+          f"({result['hardware_flops_per_iteration']:.3e} with recomputation)")
+    layout = " ".join(f"{k.split('.')[1]}={v}" for k, v in result["layout"].items())
+    print(f"layout: {layout}, {t.precision}, {result['device']}, kernels={m.kernels}, "
+          f"attention={m.attention}, {cfg.grad_accum_steps} micro-batches per step")
+    header = ["stage", *MEMORY_KEYS, "total", "in flight"]
+    print("GiB per rank  " + "".join(f"{h:>12}" for h in header[1:]))
+    for stage in result["stages"]:
+        mem = stage["memory_bytes"]
+        row = [mem[k] / GIB for k in (*MEMORY_KEYS, "total")]
+        print(f"stage {stage['pp_rank']:<7}" + "".join(f"{x:12.3f}" for x in row) +
+              f"{stage['micro_batches_in_flight']:12d}")
+    worst = result["stages"][[s["pp_rank"] for s in result["stages"]]
+                             .index(result["most_loaded_stage"])]
+    print(f"most loaded: stage {worst['pp_rank']}, {worst['memory_bytes']['total'] / GIB:.3f} "
+          f"GiB; buffers: " + ", ".join(f"{k} {v / GIB:.3f}" for k, v in worst["buffers"].items()))
+    if worst["host_optimizer_bytes"]:
+        print(f"optimizer state in CPU memory: {worst['host_optimizer_bytes'] / GIB:.3f} GiB")
+
+
+def print_plans(plans: list[dict], cluster: Cluster) -> None:
+    print(f"{cluster.world} GPUs ({cluster.nodes} x {cluster.gpus_per_node}), "
+          f"{cluster.gpu_memory_gb} GiB, {cluster.peak_tflops} TFLOP/s at "
+          f"{cluster.efficiency:.0%}, {cluster.intra_gbps}/{cluster.inter_gbps} GB/s")
+    print(f"{'#':>2} {'tp':>3} {'pp':>3} {'dp':>4} {'sp':>3} {'v':>2} {'mbs':>3} {'zero':>4} "
+          f"{'recompute':>9} {'GiB':>7} {'step s':>8} {'bubble':>7} {'comm':>7} {'MFU':>6}")
+    for i, p in enumerate(plans, 1):
+        lay, times = p["layout"], p["step_time"]
+        comm = sum(times[k] for k in ("tp_comm", "sp_comm", "pp_comm", "dp_comm"))
+        print(f"{i:>2} {lay['parallel.tp']:>3} {lay['parallel.pp']:>3} {lay['parallel.dp']:>4} "
+              f"{lay['parallel.sp']:>3} {lay['parallel.virtual_stages']:>2} "
+              f"{lay['train.micro_batch_size']:>3} {lay['parallel.zero']:>4} "
+              f"{lay['train.recompute']:>9} {p['memory_bytes']['total'] / GIB:7.1f} "
+              f"{times['total']:8.3f} {times['bubble']:7.3f} {comm:7.3f} {p['mfu']:6.1%}")
+        print(f"   {p['command']}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(estimate_main))
