@@ -27,7 +27,6 @@ first read, and raises CheckpointError naming the file and what is wrong.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -40,6 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megalite.data.tokenizer import file_sha256
 from megalite.errors import CheckpointError
 
 FORMAT_VERSION = 2
@@ -49,14 +49,6 @@ LATEST = "latest"
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -120,7 +112,7 @@ def write_part(tmp: Path, rank: int, files: dict[str, list[Piece]]) -> None:
         path = tmp / fname
         save_file({p.name: p.value.contiguous().cpu() for p in pieces}, str(path))
         _fsync(path)
-        part["files"][fname] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        part["files"][fname] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for p in pieces:
             stop = [s + n for s, n in zip(p.start, p.value.shape)]
             part["tensors"][p.name] = {
@@ -207,13 +199,15 @@ def resolve_checkpoint(spec: str, root: str | os.PathLike) -> Path:
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """A step directory, or the latest checkpoint of a run or checkpoints directory."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"'{path}' does not exist. Pass a run directory, its checkpoints/ "
+                              f"directory or a step_NNNNNNN directory.")
     if (path / INDEX).is_file():
         return path
     for root in (path / "checkpoints", path):
         if (root / LATEST).is_file():
             return resolve_checkpoint("latest", root)
-    raise CheckpointError(f"no checkpoint found at '{path}': pass a run directory, its "
-                          f"checkpoints/ directory, or a step_NNNNNNN directory.")
+    return resolve_checkpoint(str(path), path)  # raises: names the missing index.json
 
 
 def read_index(path: str | os.PathLike, verify: bool = True) -> dict:
@@ -242,7 +236,7 @@ def check_file(path: Path, index: dict, fname: str, checksum: bool = True) -> No
     if size != info["bytes"]:
         raise CheckpointError(f"checkpoint file '{file}' has {size} bytes, the index says "
                               f"{info['bytes']}: it is truncated or damaged.")
-    if checksum and _sha256(file) != info["sha256"]:
+    if checksum and file_sha256(file) != info["sha256"]:
         raise CheckpointError(f"checkpoint file '{file}' fails its sha256 check: it is "
                               f"corrupted. Resume from an earlier checkpoint.")
 

@@ -27,7 +27,6 @@ from megalite.config import config_from_dict
 from megalite.errors import CheckpointError
 from megalite.hf_names import hf_config, hf_name_map, to_hf
 from megalite.hf_tokenizer import write_hf_tokenizer
-from megalite.inspect_ckpt import locate_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,7 +72,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: str | None = None,
     """Write the HF directory `out` for a checkpoint (step, checkpoints or run directory).
     `dtype`: fp32|bf16|fp16 to convert the weights; `tokenizer`: a path that replaces the
     one recorded in the checkpoint (e.g. after copying a run to another machine)."""
-    path = locate_checkpoint(checkpoint)
+    path = ckpt.find_checkpoint(checkpoint)
     index = ckpt.read_index(path)  # checks every file's checksum first
     model_cfg = config_from_dict(index["config"]).model
     state = hf_state_dict(path, index, dtype)

@@ -1,6 +1,6 @@
 """Finding a checkpoint from what a user passes, and describing / verifying one.
 
-`locate_checkpoint` accepts a step directory, a checkpoints directory (its `latest`)
+`checkpoint.find_checkpoint` accepts a step directory, a checkpoints directory (its `latest`)
 or a run directory (its checkpoints/latest), like tools/generate.py. `inspect_checkpoint`
 (tools/inspect_ckpt.py) verifies every file through `checkpoint.read_index` and
 describes the checkpoint: step, data position, loss, layout, model, the tensors, and
@@ -11,35 +11,16 @@ CheckpointError comes back with it for the CLI to print.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
 from pathlib import Path
 
 from megalite import checkpoint as ckpt
+from megalite.data.tokenizer import file_sha256
 from megalite.errors import CheckpointError
 
 INDEX = "index.json"
-
-
-def locate_checkpoint(path: str | Path) -> Path:
-    """The step directory meant by a step, checkpoints or run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"'{path}' does not exist. Pass a run directory, its checkpoints/ "
-                              f"directory or a step_NNNNNNN directory.")
-    if not (path / INDEX).exists() and (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    return ckpt.resolve_checkpoint(str(path), path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _file_status(path: Path, info: dict) -> str:
@@ -49,7 +30,7 @@ def _file_status(path: Path, info: dict) -> str:
     size = path.stat().st_size
     if size != info.get("bytes"):
         return f"TRUNCATED ({size} of {info.get('bytes')} bytes)"
-    return "sha256 OK" if _sha256(path) == info.get("sha256") else "sha256 FAILED"
+    return "sha256 OK" if file_sha256(path) == info.get("sha256") else "sha256 FAILED"
 
 
 def _size(n: float) -> str:
@@ -103,7 +84,7 @@ def describe(path: Path, index: dict, statuses: dict[str, str]) -> list[str]:
 
 def inspect_checkpoint(path: str | Path) -> tuple[list[str], CheckpointError | None]:
     """(report lines, the verification error or None) for the checkpoint at `path`."""
-    step_dir = locate_checkpoint(path)
+    step_dir = ckpt.find_checkpoint(path)
     try:
         index = ckpt.read_index(step_dir, verify=True)
     except CheckpointError as error:

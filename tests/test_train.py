@@ -175,7 +175,7 @@ def test_generate_tool_samples_from_a_run(reference):
     assert again.stdout == first.stdout  # greedy decoding is deterministic
     missing = subprocess.run([sys.executable, "tools/generate.py", str(reference / "nothing")],
                              capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
 @pytest.mark.parametrize("layout", [

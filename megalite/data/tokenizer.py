@@ -108,7 +108,12 @@ def train_tokenizer(files: Sequence[str | Path], model_prefix: str | Path, vocab
 
 
 def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Hex sha256 of a file, read in 4 MiB blocks (checkpoint files may be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class _HFTokenizer:

@@ -39,14 +39,19 @@ dp x sp, each rank counting its own chunks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megalite.parallel import comm
-from megalite.parallel.buckets import ALIGN, Bucket, BucketLayout  # noqa: F401 (re-exported)
+from megalite.parallel.buckets import Bucket, BucketLayout
 from megalite.topology import Group, Topology
+
+# ZeRO 2/3: bucket reduce-scatters in flight at once. Each holds its full-size bucket
+# gradient until it completes; folding the oldest into the shard before launching more
+# keeps the transient at a few buckets instead of a whole unsharded gradient.
+MAX_IN_FLIGHT = 2
 
 # ---- asynchronous collectives with byte counting and named errors -----------------------
 @dataclass(eq=False)
@@ -193,12 +198,15 @@ class GradBuffer:
             self._complete(pending)
         if n == 1:
             self.pending.append(_Pending(bucket, None, group, "reduce_scatter", out=buf))
-            return
-        out = torch.empty(bucket.chunk_size(n), dtype=self.dtype, device=self.device)
-        parts = list(buf.chunk(n))
-        work = launch(group, "reduce_scatter", buf.numel() * buf.element_size(),
-                      lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
-        self.pending.append(_Pending(bucket, work, group, "reduce_scatter", out=out, keep=buf))
+        else:
+            out = torch.empty(bucket.chunk_size(n), dtype=self.dtype, device=self.device)
+            parts = list(buf.chunk(n))
+            work = launch(group, "reduce_scatter", buf.numel() * buf.element_size(),
+                          lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
+            self.pending.append(_Pending(bucket, work, group, "reduce_scatter", out=out,
+                                         keep=buf))
+        while len(self.pending) > MAX_IN_FLIGHT:
+            self._complete(self.pending[0])
 
     def _complete(self, pending: _Pending) -> None:
         pending.wait()
