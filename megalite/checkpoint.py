@@ -248,7 +248,7 @@ class CheckpointReader:
         self.path = Path(path)
         self.index = index if index is not None else read_index(path, verify=False)
         self.tensors = self.index["tensors"]
-        self._checked: set[str] = set()
+        self._open: dict[str, object] = {}  # file -> safetensors handle, checksum verified
 
     def names(self, kind: str) -> list[str]:
         return [n for n, e in self.tensors.items() if e["kind"] == kind]
@@ -262,6 +262,9 @@ class CheckpointReader:
         shape = entry["shape"]
         start = list(start) if start is not None else [0] * len(shape)
         stop = list(stop) if stop is not None else list(shape)
+        for piece in entry["pieces"]:  # one piece is exactly the box: no copy
+            if piece["start"] == start and piece["stop"] == stop:
+                return self._slice(piece["file"], name, ())
         out = torch.empty([b - a for a, b in zip(start, stop)],
                           dtype=getattr(torch, entry["dtype"]))
         covered = 0
@@ -281,12 +284,12 @@ class CheckpointReader:
         return out
 
     def _slice(self, fname: str, name: str, box: tuple) -> torch.Tensor:
-        if fname not in self._checked:
-            check_file(self.path, self.index, fname)
-            self._checked.add(fname)
         try:
-            with safe_open(str(self.path / fname), framework="pt") as f:
-                return f.get_slice(name)[box] if box else f.get_tensor(name)
+            if fname not in self._open:
+                check_file(self.path, self.index, fname)
+                self._open[fname] = safe_open(str(self.path / fname), framework="pt")
+            f = self._open[fname]
+            return f.get_slice(name)[box] if box else f.get_tensor(name)
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"checkpoint file '{self.path / fname}' cannot be read "
                                   f"({e}).") from None

@@ -1,0 +1,184 @@
+"""Peak memory per rank under ZeRO 0-3, next to the ZeRO paper's formula.
+
+    python tools/bench_memory.py [--dp 4] [--hidden 768] [--layers 8] [--precision fp32] [--record]
+
+For each ZeRO stage, dp gloo processes train a llama (hidden x layers, vocabulary
+8192) for 3 steps on random tokens through the project's ZeroOptimizer, then report
+per rank: the bytes of parameters, gradients and optimizer state the optimizer holds
+(measured from its tensors), the formula (Psi parameters of this rank; fp32: 4 + 4 + 8
+bytes per parameter, bf16/fp16: 2 + 4 (fp32 gradient buffers) + 12, each term divided
+by dp where the stage shards it) plus the stated bucket padding; the step transient:
+the peak RSS of steps 2-3 above the RSS before step 2 (activations, ZeRO 3 gathers,
+in-flight buckets, the AdamW temporaries, allocator slack; step 1 pages in code); and
+the set-up peak: RSS above the RSS before the model was built (after a warm-up
+forward/backward of a one-layer model), while the model is initialised and the
+optimizer takes the parameters over (it builds a full fp32 flat copy on every rank). With --record the
+table goes into BENCHMARKS.md. On a GPU (--device cuda) the CUDA peak is reported too.
+"""
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from megalite.config import load_config, resolve  # noqa: E402
+from megalite.optim.zero import ZeroOptimizer  # noqa: E402
+from megalite.parallel.build import build_model  # noqa: E402
+from megalite.topology import build_topology, destroy_topology  # noqa: E402
+
+VOCAB, SEQ, MICRO = 8192, 128, 2
+MIB = 2 ** 20
+
+
+def _status_bytes(key: str) -> int:
+    """VmRSS (now) or VmHWM (peak since start or the last reset) of this process."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def _rank(rank, world, port, args, zero, out):
+    try:
+        _measure_rank(rank, world, port, args, zero, out)
+    except BaseException:
+        out.put((rank, traceback.format_exc()))
+        raise
+
+
+def _measure_rank(rank, world, port, args, zero, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    overrides = {"model.hidden_size": args.hidden, "model.num_layers": args.layers,
+                 "model.num_heads": args.hidden // 64, "model.vocab_size": VOCAB,
+                 "model.kernels": "torch", "train.seq_len": SEQ, "train.micro_batch_size": MICRO,
+                 "train.global_batch_size": MICRO * world, "train.precision": args.precision,
+                 "parallel.dp": world, "parallel.zero": zero, "parallel.bucket_mb": 25}
+    cfg = load_config(None, [(k, str(v)) for k, v in overrides.items()])
+    resolve(cfg, VOCAB, args.device)
+    topo = build_topology(dp=world, timeout_s=600)
+    # Warm up on a one-layer copy first: the first forward/backward pages in torch's
+    # kernels (~200 MiB of code on this machine), which is not the model's memory.
+    small = load_config(None, [*((k, str(v)) for k, v in overrides.items()),
+                               ("model.num_layers", "1"), ("model.hidden_size", "64"),
+                               ("model.num_heads", "2")])
+    resolve(small, VOCAB, args.device)
+    warm = build_model(small, topo, args.device)
+    warm(*(lambda t: (t[:, :-1], t[:, 1:]))(torch.randint(0, VOCAB, (MICRO, SEQ + 1)))).backward()
+    del warm
+    base = _status_bytes("VmRSS")
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+        torch.cuda.reset_peak_memory_stats()
+    model = build_model(cfg, topo, args.device)
+    opt = ZeroOptimizer(model, cfg, topo)
+    built = _status_bytes("VmHWM") - base
+    g = torch.Generator().manual_seed(rank)
+    for step in range(3):
+        if step == 1:  # the first step pages in the collectives' and optimizer's code
+            resident = _status_bytes("VmRSS")
+            _reset_peak()
+        tokens = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g).to(args.device)
+        opt.zero_grad()
+        with opt.micro_batch(is_last=True):
+            opt.scale_loss(model(tokens[:, :-1], tokens[:, 1:])).backward()
+        opt.prepare_step()
+        opt.step(1e-4)
+    report = opt.memory_report()
+    report["peak_build"] = built
+    report["peak_steps"] = _status_bytes("VmHWM") - resident
+    report["cuda_peak"] = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+    destroy_topology(topo)
+    dist.destroy_process_group()
+    out.put((rank, report))
+
+
+def measure(args, zero):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_rank, args=(r, args.dp, port, args, zero, out))
+             for r in range(args.dp)]
+    for p in procs:
+        p.start()
+    reports = dict(out.get(timeout=1800) for _ in procs)
+    failed = [r for r in reports.values() if isinstance(r, str)]
+    if failed:
+        raise SystemExit(f"a rank failed:\n{failed[0]}")
+    for p in procs:
+        p.join()
+    return reports
+
+
+def table(args, results) -> str:
+    lines = [f"Llama hidden {args.hidden}, {args.layers} layers, vocab {VOCAB} "
+             f"(Psi = {results[0][0]['psi']:,} parameters), dp = {args.dp}, {args.precision}, "
+             f"micro-batch {MICRO} x {SEQ} tokens. MiB per rank (rank 0; all ranks equal "
+             f"to the byte).", "",
+             "| zero | params | grads | optimizer | total | formula (+ padding) | "
+             "step transient (peak RSS) | set-up peak RSS | CUDA peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for zero, reports in results.items():
+        r = reports[0]
+        formula = sum(r[f"{t}_formula_bytes"] for t in ("params", "grads", "optimizer"))
+        padding = sum(r[f"{t}_padding_bytes"] for t in ("params", "grads", "optimizer"))
+        cuda = f"{r['cuda_peak'] / MIB:.1f}" if r["cuda_peak"] else "n/a"
+        lines.append(f"| {zero} | {r['params_bytes'] / MIB:.1f} | {r['grads_bytes'] / MIB:.1f} | "
+                     f"{r['optimizer_bytes'] / MIB:.1f} | {r['total_bytes'] / MIB:.1f} | "
+                     f"{formula / MIB:.1f} (+{padding / MIB:.3f}) | "
+                     f"{r['peak_steps'] / MIB:.1f} | {r['peak_build'] / MIB:.1f} | {cuda} |")
+    return "\n".join(lines)
+
+
+def record(text: str, command: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    title = "## ZeRO memory per rank (tools/bench_memory.py)"
+    body = (f"{title}\n\nMeasured {datetime.date.today()} on {socket.gethostname()} "
+            f"({os.cpu_count()} CPU cores, gloo) with `{command}`.\n\n{text}\n")
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if title in old:
+        start = old.index(title)
+        end = old.find("\n## ", start + len(title))
+        old = old[:start] + old[end + 1:] if end != -1 else old[:start]
+    path.write_text(old.rstrip() + "\n\n" + body)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dp", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--record", action="store_true")
+    args = parser.parse_args()
+    results = {zero: measure(args, zero) for zero in range(4)}
+    for zero, reports in results.items():
+        totals = {r["total_bytes"] for r in reports.values()}
+        assert len(totals) == 1, f"zero {zero}: ranks differ {totals}"
+    text = table(args, results)
+    print(text)
+    if args.record:
+        record(text, "python " + " ".join(sys.argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
