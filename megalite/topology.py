@@ -34,6 +34,7 @@ class Group:
     rank: int  # this process's index in `ranks`
     pg: object = None  # torch ProcessGroup; None when the group has one member
     bytes: Counter = field(default_factory=Counter)  # op name -> payload bytes (see comm.py)
+    seconds: Counter = field(default_factory=Counter)  # op name -> time blocked in it
 
     @property
     def size(self) -> int:

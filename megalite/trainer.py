@@ -112,14 +112,46 @@ class Trainer:
         comm.all_reduce(value, self.topo.dp_sp_group)
         return value.item() / self.topo.dp_sp_group.size
 
+    def _comm_counters(self) -> tuple[dict, float, float]:
+        """(bytes per group, seconds blocked in pipeline p2p, seconds blocked in the
+        other collectives) so far, on this rank."""
+        groups = {g.name: g for g in self.topo.groups}.values()
+        p2p = sum(g.seconds["p2p"] for g in groups)
+        return ({g.name: sum(g.bytes.values()) for g in groups}, p2p,
+                sum(sum(g.seconds.values()) for g in groups) - p2p)
+
+    def _memory(self) -> dict:
+        """This rank's memory stats plus the largest over all ranks (`*_max`): the rank
+        that runs out first is the one that matters. Every rank must call it."""
+        stats = memory_stats(self.device)
+        keys = [k for k, v in stats.items() if v is not None]
+        peak = torch.tensor([float(stats[k]) for k in keys])
+        for group in (self.topo.model_parallel_group, self.topo.dp_sp_group):
+            if group.size > 1:
+                dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group.pg)
+        return {**stats, **{f"{k}_max": int(v) for k, v in zip(keys, peak.tolist())}}
+
+    def _clock(self) -> float:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def train_step(self) -> dict:
-        cfg, t0 = self.cfg, time.perf_counter()
+        """One optimizer update. Besides loss, norm and throughput, the record splits the
+        step time on this rank into compute (forward + backward), pipeline (blocked in
+        p2p: the bubble plus transfers), comm (blocked in any other collective: the
+        communication not hidden behind compute) and optimizer (clip, AdamW, write-back)
+        and gives the bytes this rank moved through each group."""
+        cfg, t0 = self.cfg, self._clock()
+        bytes0, p2p0, comm0 = self._comm_counters()
         lr = self.schedule(self.step + 1)
         self.model.train()
         indices = self.sampler.next_indices()
         micro_batches = self.micro_batches(indices)
         self.optimizer.zero_grad()
         loss_sum = self.forward_backward(micro_batches)
+        t1 = self._clock()
+        _, p2p1, comm1 = self._comm_counters()
         grad_norm, found_inf = self.optimizer.prepare_step()  # equal on every rank
         loss = self._mean_over_replicas(loss_sum)
         # An fp16 overflow is the loss scaler's business: skipped, scale lowered, not
@@ -132,14 +164,18 @@ class Trainer:
             self.optimizer.skip()
         self.step += 1
         self.last_loss = loss
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        step_time = time.perf_counter() - t0
+        t2 = self._clock()
+        bytes2, p2p2, comm2 = self._comm_counters()
+        step_time = t2 - t0
         tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_len / step_time
+        split = {"time_compute": (t1 - t0) - (p2p1 - p2p0) - (comm1 - comm0),
+                 "time_pipeline": p2p2 - p2p0, "time_comm": comm2 - comm0,
+                 "time_optimizer": (t2 - t1) - (p2p2 - p2p1) - (comm2 - comm1)}
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_s, "step_time": step_time,
                 "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak),
-                "skipped": self.guard.skipped, "skip_reason": skip,
+                "skipped": self.guard.skipped, "skip_reason": skip, **split,
+                "comm_bytes": {g: bytes2[g] - bytes0[g] for g in bytes2 if bytes2[g] > bytes0[g]},
                 **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {})}
 
     def micro_batches(self, indices) -> list:
@@ -202,7 +238,7 @@ class Trainer:
         with StopSignal() as stop:
             if self.step == 0 and cfg.train.eval_every:
                 record = {"step": 0, "val_loss": self.validate(), "lr": self.schedule(1),
-                          **memory_stats(self.device)}
+                          **self._memory()}
                 self.metrics.log(record)
                 print(console_line(record, cfg.train.steps, 0.0), flush=True)
             while self.step < cfg.train.steps and not self._agreed_stop(stop):
@@ -211,7 +247,7 @@ class Trainer:
                     record["val_loss"] = self.validate()
                 if self.step % cfg.log.every == 0 or "val_loss" in record \
                         or self.step == cfg.train.steps:
-                    record.update(memory_stats(self.device))
+                    record.update(self._memory())
                     self.metrics.log(record)
                     print(console_line(record, cfg.train.steps, time.time() - started,
                                        start_step), flush=True)

@@ -264,3 +264,28 @@ def test_pipeline_checkpoint_loads_in_one_process(cache, tmp_path):
             torch.testing.assert_close(named[name].detach(), value, rtol=0, atol=0,
                                        msg=lambda m: f"{name}: {m}")
     assert trainer.train_step()["loss"] == pytest.approx(results[0][0], rel=1e-5)
+
+
+def one_step_record(args):
+    topo, trainer = trainer_on_layout(args)
+    if topo is None:
+        return None
+    trainer.train_step()
+    record = trainer.train_step()
+    record.update(trainer._memory())
+    destroy_topology(topo)
+    return topo.rank, record
+
+
+def test_step_record_splits_time_and_counts_bytes_per_group(cache, tmp_path):
+    args = config_args(cache, tmp_path / "run", "llama",
+                       ["--parallel.pp=2", "--parallel.tp=2", "--parallel.dp=2"])
+    results = dict(r for r in run_on_ranks(one_step_record, args) if r is not None)
+    for rank, r in results.items():
+        parts = [r["time_compute"], r["time_pipeline"], r["time_comm"], r["time_optimizer"]]
+        assert all(p >= 0 for p in parts), parts
+        assert sum(parts) == pytest.approx(r["step_time"], rel=0.02)
+        assert {"tp", "pp", "dp_sp"} <= set(r["comm_bytes"]), r["comm_bytes"]
+        assert r["mem_rss_max"] >= r["mem_rss"]
+    maxima = {r["mem_rss_max"] for r in results.values()}
+    assert len(maxima) == 1  # every rank reports the same maximum

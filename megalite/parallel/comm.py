@@ -21,12 +21,16 @@ the full logical tensor it operates on: the tensor for all-reduce, the gathered
 output for all-gather, the unreduced input for reduce-scatter, the input for
 all-to-all and p2p. Counted on every rank, forward and backward alike, so a test or a
 metric reads one rank's counter as "bytes this rank put through this group".
+`group.seconds[op]` adds the time this rank was blocked in the call (for asynchronous
+collectives, in its wait): the communication not hidden behind compute.
 
 A collective that fails (a peer died, or the group's timeout passed) raises
 `CollectiveError` naming the group, the collective and the rank.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.distributed as dist
@@ -40,8 +44,10 @@ class CollectiveError(RuntimeError):
 
 def _run(group: Group, op: str, nbytes: int, fn) -> None:
     group.bytes[op] += nbytes
+    start = time.perf_counter()
     try:
         fn()
+        group.seconds[op] += time.perf_counter() - start
     except RuntimeError as e:
         me = dist.get_rank() if dist.is_initialized() else 0
         raise CollectiveError(

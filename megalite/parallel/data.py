@@ -39,6 +39,7 @@ dp x sp, each rank counting its own chunks).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -66,8 +67,10 @@ class _Pending:
     def wait(self) -> None:
         if self.work is None:
             return
+        start = time.perf_counter()
         try:
             self.work.wait()
+            self.group.seconds[self.op] += time.perf_counter() - start
         except RuntimeError as e:
             raise _collective_error(self.group, self.op, e) from e
         self.work = None
