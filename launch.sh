@@ -2,6 +2,7 @@
 # megalite's main entry point: validate, prepare data, then train under torchrun.
 #
 #   ./launch.sh [CONFIG.yaml] [--section.key=value ...] [--resume_from_checkpoint latest|PATH]
+#   (no CONFIG.yaml: configs/default.yaml)
 #
 # Environment: NPROC_PER_NODE (default on one node: the config's tp*pp*dp*sp), NNODES,
 # NODE_RANK, MASTER_ADDR, MASTER_PORT (several nodes: c10d rendezvous at that address).
@@ -13,6 +14,11 @@ set -uo pipefail
 cd "$(dirname "$0")"
 source tools/env.sh
 megalite_env || { echo "error: setting up .venv failed (see the pip output above)" >&2; exit 1; }
+
+# No config file among the arguments: the default run (3-D parallel on 8 CPU ranks).
+config_given=""
+for arg in "$@"; do case "$arg" in --*) ;; *.yaml|*.yml) config_given=1 ;; esac; done
+[ -n "$config_given" ] || set -- configs/default.yaml "$@"
 
 # Every mistake that can be found before a worker starts is found here.
 world=$(python -m megalite.preflight "$@" | tail -n 1)

@@ -111,3 +111,11 @@ def test_explicit_stage_layers_are_accepted():
     cfg = load_config(overrides=[("parallel.pp", "2"), ("parallel.stage_layers", "1,3"),
                                  ("train.micro_batch_size", "8")])
     assert cfg.parallel.stage_layers == "1,3"
+
+
+def test_default_launch_config_is_3d_parallel():
+    """./launch.sh with no config trains configs/default.yaml: pp x tp x dp on 8 ranks."""
+    cfg = load_config("configs/default.yaml")
+    p = cfg.parallel
+    assert (p.pp, p.tp, p.dp) == (2, 2, 2)
+    assert cfg.train.global_batch_size // (p.dp * cfg.train.micro_batch_size) >= p.pp

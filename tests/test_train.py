@@ -106,7 +106,7 @@ def test_sigint_at_random_step_then_resume_is_bit_identical(cache, reference, tm
 
 def test_launcher_stop_and_resume(cache, reference, tmp_path):
     """Ctrl-C through ./launch.sh and torchrun: exit 0, no traceback, exact resume."""
-    args = ["./launch.sh", *tiny_args(cache, tmp_path)]
+    args = ["./launch.sh", "configs/tiny.yaml", *tiny_args(cache, tmp_path)]
     code, out = _run_until_signal(args, 5)
     assert code == 0, out
     assert "Traceback" not in out
@@ -117,7 +117,7 @@ def test_launcher_stop_and_resume(cache, reference, tmp_path):
 
 
 def test_launcher_reports_bad_resume_target_before_starting(cache, tmp_path):
-    out = subprocess.run(["./launch.sh", *tiny_args(cache, tmp_path),
+    out = subprocess.run(["./launch.sh", "configs/tiny.yaml", *tiny_args(cache, tmp_path),
                           "--resume_from_checkpoint", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
@@ -187,7 +187,7 @@ def test_generate_tool_samples_from_a_run(reference):
      "--train.recompute=selective", "--model.dropout=0"],
 ], ids=["dp2-zero3-bf16-full", "pp2-dp2-zero2-fp16-offload", "tp2-sp2-zero1-selective"])
 def test_launcher_runs_layout_precision_combinations(cache, tmp_path, layout):
-    out = subprocess.run(["./launch.sh", *tiny_args(cache, tmp_path, steps=3),
+    out = subprocess.run(["./launch.sh", "configs/tiny.yaml", *tiny_args(cache, tmp_path, steps=3),
                           "--train.eval_every=0", *layout],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
