@@ -81,5 +81,5 @@ def adamw_step_reference(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps
     param.mul_(decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+    denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-step_size)

@@ -240,27 +240,22 @@ class ZeroOptimizer:
         """The factor `scale_loss` applies (fp16's dynamic scale, else 1)."""
         return self.scaler.scale if self.scaler is not None else 1.0
 
-    def _owned_grad_chunks(self) -> list[torch.Tensor]:
-        return [self.grads.grad_view(start, self.layout.shard_offset(b), end - start)
-                for b in self.layout.buckets
-                for start, end in [self.layout.chunk(b, self.rank)]]
-
     def prepare_step(self) -> tuple[float, bool]:
         """Finish the reductions, unscale (fp16), and return (global gradient norm,
         found_inf), equal on every rank; an overflow anywhere is seen everywhere."""
         self.grads.finish()
         if self.scaler is not None:
             (self.grads.shard if self.stage >= 2 else self.grads.full).mul_(self.scaler.inv_scale)
+        # Every element counts in exactly one rank's norm pieces, so a non-finite gradient
+        # anywhere makes the global sum of squares non-finite: one pass finds both.
         sum_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for flat, space, length in self.norm_pieces:
-            sum_sq += self.grads.grad_view(flat, space, length).float().pow(2).sum()
-        chunks = self._owned_grad_chunks()
-        bad = torch.stack([~torch.isfinite(c).all() for c in chunks]).any()
-        local = torch.stack([sum_sq, bad.float()])
-        comm.all_reduce(local, self.group)
-        comm.all_reduce(local, self.topo.model_parallel_group)
-        total, flag = local.tolist()
-        found_inf = flag > 0
+            g = self.grads.grad_view(flat, space, length).float()
+            sum_sq += torch.dot(g, g)
+        comm.all_reduce(sum_sq, self.group)
+        comm.all_reduce(sum_sq, self.topo.model_parallel_group)
+        total = sum_sq.item()
+        found_inf = not math.isfinite(total)
         if self.scaler is not None:
             self.scaler.update(found_inf)
         self._norm = math.sqrt(total) if math.isfinite(total) else float("nan")
@@ -276,15 +271,20 @@ class ZeroOptimizer:
         coef = clip_coefficient(self._norm, o.clip_grad if max_norm is None else max_norm)
         self.step_count += 1
         adamw = _adamw_kernel(self.opt_device)
-        for space, flat, length, wd in self.runs:
-            grad = self.grads.grad_view(flat, space, length)
-            if grad.dtype != torch.float32 or grad.device != self.opt_device:
-                grad = grad.to(self.opt_device, torch.float32)
-            if coef != 1.0:
-                grad.mul_(coef)
-            adamw(self._master_view(space, flat, length), grad,
-                  self.exp_avg[space:space + length], self.exp_avg_sq[space:space + length],
-                  lr, o.beta1, o.beta2, o.eps, wd, self.step_count)
+        # On CPU, pieces that stay in cache and bound the update's temporaries; the
+        # CUDA kernel takes a whole run in one launch.
+        piece = 1 << 18 if self.opt_device.type == "cpu" else 1 << 62
+        for run_space, run_flat, run_length, wd in self.runs:
+            for off in range(0, run_length, piece):
+                space, flat, length = run_space + off, run_flat + off, min(piece, run_length - off)
+                grad = self.grads.grad_view(flat, space, length)
+                if grad.dtype != torch.float32 or grad.device != self.opt_device:
+                    grad = grad.to(self.opt_device, torch.float32)
+                if coef != 1.0:
+                    grad.mul_(coef)
+                adamw(self._master_view(space, flat, length), grad,
+                      self.exp_avg[space:space + length], self.exp_avg_sq[space:space + length],
+                      lr, o.beta1, o.beta2, o.eps, wd, self.step_count)
         self._write_back()
         self._norm = None
 
