@@ -125,8 +125,11 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every: int = 10
-    profile_steps: list = field(default_factory=list)
+    profile_steps: list = field(default_factory=list)  # torch profiler trace of these steps
     peak_tflops: float = 0.0  # dense peak per device for MFU; 0: known GPU table, absent on CPU
+    tensorboard: bool = False  # also write scalars to <run.dir>/tensorboard (pip install tensorboard)
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb; wandb login or WANDB_MODE=offline)
+    wandb_project: str = "megalite"  # W&B project; runs are named and grouped by run.name
 
 
 @dataclass

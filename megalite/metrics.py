@@ -8,7 +8,11 @@
   rather than made up.
 - `MetricsLogger` writes `metrics.jsonl` and `metrics.csv` in the run directory, the
   files users, tools/plot and tests read (see DESIGN.md "Contracts"). Only one
-  process writes them; the others build a logger with `enabled=False`.
+  process writes them; the others build a logger with `enabled=False`. On request it
+  also sends every record's numbers to TensorBoard (`<run_dir>/tensorboard`) and/or
+  Weights & Biases. Neither package is a dependency: asking for a sink whose package
+  is missing is a ConfigError when the logger is built, on every rank, before any
+  step runs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import socket
 from pathlib import Path
 
 import torch
+
+from megalite.errors import ConfigError
 
 # Vendor dense (no structured sparsity) bf16 tensor-core peaks per device, in TFLOP/s
 # (V100: fp16, it has no bf16). Matched as case-insensitive substrings of
@@ -130,6 +136,93 @@ def _finite_or_none(value):
     return value
 
 
+def _numbers(record: dict, prefix: str = "") -> dict:
+    """The record's plottable values: finite ints and floats, step and flags left out;
+    a nested dict (comm_bytes per group) becomes "key/inner" entries."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_numbers(value, f"{prefix}{key}/"))
+        elif (key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value)):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def load_sinks(tensorboard: bool = False, wandb: bool = False) -> dict:
+    """Import what the requested sinks need: {"tensorboard": SummaryWriter, "wandb": module}.
+
+    A requested sink whose package is missing raises ConfigError with the fix. Every
+    rank calls this (through MetricsLogger), so a missing package stops all of them at
+    start-up instead of leaving the other ranks waiting on a crashed rank 0.
+    """
+    found = {}
+    if tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("log.tensorboard is on but the 'tensorboard' package is not "
+                              "installed (torch.utils.tensorboard needs it). Install it with "
+                              "`pip install tensorboard`, or set --log.tensorboard=false.") from None
+        found["tensorboard"] = SummaryWriter
+    if wandb:
+        try:
+            import wandb as wandb_module
+        except ImportError:
+            raise ConfigError("log.wandb is on but the 'wandb' package is not installed. "
+                              "Install it with `pip install wandb` (then `wandb login`, or set "
+                              "WANDB_MODE=offline), or set --log.wandb=false.") from None
+        found["wandb"] = wandb_module
+    return found
+
+
+class _TensorBoardSink:
+    """Scalars under <run_dir>/tensorboard, one tag per metrics column."""
+
+    def __init__(self, writer_cls, run_dir):
+        self.writer_cls, self.log_dir = writer_cls, str(Path(run_dir) / "tensorboard")
+        self.writer, self.purge_step = None, None
+
+    def resume_at(self, step: int) -> None:
+        # Opened lazily so a resumed run can hide the events a crashed run wrote after
+        # its last checkpoint, as truncate_after does for the metrics files.
+        self.purge_step = step + 1
+
+    def log(self, step: int, values: dict) -> None:
+        if self.writer is None:
+            self.writer = self.writer_cls(log_dir=self.log_dir, purge_step=self.purge_step)
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        # The writer otherwise flushes every 2 minutes: a killed run would lose its tail.
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class _WandbSink:
+    """One W&B run per launch, grouped by run name: W&B drops steps that go backwards,
+    so a resumed run starts a new W&B run in the same group instead of appending."""
+
+    def __init__(self, wandb, run_dir, project: str, run_name: str | None, config: dict | None):
+        try:
+            self.run = wandb.init(project=project, name=run_name, group=run_name,
+                                  dir=str(run_dir), config=config)
+        except Exception as e:  # login, network, bad project: all fixable before the run
+            raise ConfigError(f"log.wandb is on but wandb.init failed: {e}. Run `wandb login`, "
+                              f"set WANDB_MODE=offline, or set --log.wandb=false.") from None
+
+    def resume_at(self, step: int) -> None:
+        pass
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
     """Appends records to run_dir/metrics.jsonl and run_dir/metrics.csv.
 
@@ -138,15 +231,30 @@ class MetricsLogger:
     fixed. `hostname` and `device` are filled in when the record lacks them. Each
     write opens, appends and closes the files, so every logged row is on disk even
     if the process is killed.
+
+    `tensorboard` / `wandb` add those sinks (their numeric values, keyed by column
+    name, at the record's step); `wandb_project`, `run_name` and `config` (a plain
+    dict, shown in the W&B UI) describe the W&B run. Build the logger with the same
+    flags on every rank: each checks the packages, only the enabled one writes.
+    Call `close()` at the end of the run.
     """
 
-    def __init__(self, run_dir, enabled: bool = True, device: str | None = None):
+    def __init__(self, run_dir, enabled: bool = True, device: str | None = None,
+                 tensorboard: bool = False, wandb: bool = False, wandb_project: str = "megalite",
+                 run_name: str | None = None, config: dict | None = None):
         self.enabled = enabled
         self.jsonl_path = Path(run_dir) / "metrics.jsonl"
         self.csv_path = Path(run_dir) / "metrics.csv"
         self.defaults = {"hostname": socket.gethostname(), "device": device}
+        found = load_sinks(tensorboard, wandb)
+        self.sinks = []
         if enabled:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                self.sinks.append(_TensorBoardSink(found["tensorboard"], run_dir))
+            if wandb:
+                self.sinks.append(_WandbSink(found["wandb"], run_dir, wandb_project, run_name,
+                                             config))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -164,16 +272,28 @@ class MetricsLogger:
             if new_csv:
                 writer.writerow(COLUMNS)
             writer.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+        values = _numbers(row)
+        for sink in self.sinks:
+            sink.log(row["step"], values)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard / W&B sinks (the metrics files need nothing)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def truncate_after(self, step: int) -> None:
         """Drop rows with step > `step`, so a run resumed at `step` does not repeat steps.
 
         Rows a crash left half-written (unparseable) are dropped too. Each file is
         rewritten under a temporary name and renamed, so an interruption here leaves
-        either the old or the new file, never a cut one.
+        either the old or the new file, never a cut one. TensorBoard hides its later
+        events too; W&B gets a new run (see _WandbSink).
         """
         if not self.enabled:
             return
+        for sink in self.sinks:
+            sink.resume_at(step)
         if self.jsonl_path.exists():
             kept = []
             for line in self.jsonl_path.read_text().splitlines():

@@ -34,6 +34,7 @@ from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
 from megalite.parallel.build import build_model, shard_batch
 from megalite.parallel.pipeline import PipelineEngine
+from megalite.profiling import StepProfiler
 from megalite.trainer_state import load_trainer_state, partitioning, save_trainer_state
 
 
@@ -94,7 +95,12 @@ class Trainer:
             save_yaml(cfg, self.run_dir / "config.yaml")
         cuda = self.device.startswith("cuda")
         device_name = torch.cuda.get_device_name() if cuda else "cpu"
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.main, device=device_name)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.main, device=device_name,
+                                     tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
+                                     wandb_project=cfg.log.wandb_project, run_name=cfg.run.name,
+                                     config=cfg.to_dict())
+        self.profiler = StepProfiler(cfg.log.profile_steps, self.run_dir, self.device,
+                                     self.topo.rank)
         self.metrics.truncate_after(self.step)
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         peak = peak_flops(device_name if cuda else None, cfg.log.peak_tflops)
@@ -242,7 +248,8 @@ class Trainer:
                 self.metrics.log(record)
                 print(console_line(record, cfg.train.steps, 0.0), flush=True)
             while self.step < cfg.train.steps and not self._agreed_stop(stop):
-                record = self.train_step()
+                with self.profiler.step(self.step + 1):
+                    record = self.train_step()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     record["val_loss"] = self.validate()
                 if self.step % cfg.log.every == 0 or "val_loss" in record \
@@ -258,6 +265,7 @@ class Trainer:
                     last_save_time = time.time()
             if self.last_saved != self.step:
                 self.save()
+        self.metrics.close()
         if stop.received:
             print(f"[megalite] {stop.received}: stopped cleanly after step {self.step}; resume "
                   f"with --resume_from_checkpoint latest", flush=True)

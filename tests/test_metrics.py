@@ -1,11 +1,15 @@
-"""Metrics: the FLOPs formula, peak lookup and MFU, memory, metrics files, console line."""
+"""Metrics: the FLOPs formula, peak lookup and MFU, memory, metrics files, console line,
+and the optional TensorBoard / W&B sinks (faked: neither package is a dependency)."""
 
 import csv
 import json
+import sys
+import types
 
 import pytest
 
 from megalite.config import ModelConfig
+from megalite.errors import ConfigError
 from megalite.metrics import (COLUMNS, MetricsLogger, console_line, flops_per_token,
                               memory_stats, mfu, peak_flops)
 
@@ -124,3 +128,107 @@ def test_console_line_has_the_fields():
     short = console_line({"step": 60, "loss": 1.0}, total_steps=100, elapsed_s=10.0,
                          start_step=50)
     assert "mfu" not in short and "val_loss" not in short and "eta 0m40s" in short
+
+
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)."""
+
+    instances = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        FakeWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class FakeWandbRun:
+    def __init__(self, **kwargs):
+        self.init_kwargs, self.logged, self.finished = kwargs, [], False
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.fixture
+def fake_sinks(monkeypatch):
+    FakeWriter.instances = []
+    runs = []
+    tb = types.ModuleType("torch.utils.tensorboard")
+    tb.SummaryWriter = FakeWriter
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: runs.append(FakeWandbRun(**kwargs)) or runs[-1]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tb)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    return runs
+
+
+def test_sinks_get_the_numbers_of_each_record(tmp_path, fake_sinks):
+    log = MetricsLogger(tmp_path, device="cpu", tensorboard=True, wandb=True,
+                        wandb_project="proj", run_name="tiny", config={"train": {"steps": 3}})
+    log.truncate_after(1)  # as the trainer does after a resume at step 1
+    log.log({"step": 0, "val_loss": 6.0})
+    log.log(record(2, loss=float("nan"), skip_reason="nan_grad", comm_bytes={"dp_sp": 4096}))
+    log.close()
+    writer, run = FakeWriter.instances[0], fake_sinks[0]
+    assert writer.log_dir == str(tmp_path / "tensorboard") and writer.purge_step == 2
+    assert ("val_loss", 6.0, 0) in writer.scalars and ("grad_norm", 0.5, 2) in writer.scalars
+    assert ("comm_bytes/dp_sp", 4096.0, 2) in writer.scalars
+    tags = {tag for tag, _, _ in writer.scalars}
+    # NaN, strings, the step itself and empty columns are not plotted
+    assert not tags & {"loss", "skip_reason", "hostname", "device", "step", "mfu"}
+    assert writer.closed and run.finished
+    assert run.init_kwargs["project"] == "proj" and run.init_kwargs["name"] == "tiny"
+    assert run.init_kwargs["config"] == {"train": {"steps": 3}}
+    assert [step for step, _ in run.logged] == [0, 2]
+    assert run.logged[1][1]["tokens_per_s"] == 1000.0 and "loss" not in run.logged[1][1]
+
+
+def test_sinks_only_on_the_writing_rank(tmp_path, fake_sinks):
+    log = MetricsLogger(tmp_path / "run", enabled=False, tensorboard=True, wandb=True)
+    log.log(record(1))
+    log.close()
+    assert FakeWriter.instances == [] and fake_sinks == []
+
+
+@pytest.mark.parametrize("sink, module", [("tensorboard", "torch.utils.tensorboard"),
+                                          ("wandb", "wandb")])
+def test_missing_sink_package_is_a_config_error_on_every_rank(tmp_path, monkeypatch, sink, module):
+    monkeypatch.setitem(sys.modules, module, None)  # makes the import fail
+    for enabled in (True, False):
+        with pytest.raises(ConfigError, match=f"pip install {sink}.*log.{sink}=false"):
+            MetricsLogger(tmp_path, enabled=enabled, **{sink: True})
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_wandb_init_failure_is_a_config_error(tmp_path, monkeypatch):
+    def init(**kwargs):
+        raise RuntimeError("not logged in")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    with pytest.raises(ConfigError, match="not logged in.*wandb login"):
+        MetricsLogger(tmp_path, wandb=True)
+
+
+def test_real_tensorboard_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = MetricsLogger(tmp_path, tensorboard=True)
+    for step in (1, 2):
+        log.log(record(step))
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 4.900000095367432),
+                                                                   (2, 4.800000190734863)]
