@@ -50,14 +50,9 @@ The trainer's step:
 
 `micro_batch(is_last)` only tells ZeRO 0/1 when to start the overlapped all-reduce;
 without it (the pipeline engine's backwards) everything is reduced in `prepare_step`,
-which is correct, just not overlapped. Checkpoints: `state_tensors()` returns
-per-parameter tensors "name/exp_avg", "name/exp_avg_sq" (and "name/master", the fp32
-master, when the model is bf16/fp16), gathered over dp x sp, and over TP too unless
-`tp_global=False` (then this TP rank's padded shard); `step_count` is the shared
-AdamW step. `load_state_tensors(tensors, params, step)` takes the same shapes back for
-this layout (`params`: the model tensors, required under ZeRO 3). `param_tensors()`
-gives the model parameters (ZeRO 3 gathers them); `grad_tensors()` the reduced
-gradients.
+which is correct, just not overlapped. Checkpoints and tests read and restore the
+state per parameter (`state_tensors`, `param_tensors`, `grad_tensors`,
+`load_state_tensors`: optim/zero_state.py); `step_count` is the shared AdamW step.
 `memory_report()` gives this rank's bytes next to the ZeRO paper's formula.
 """
 
@@ -68,11 +63,11 @@ import math
 
 import torch
 
-from megalite.errors import CheckpointError, ConfigError
+from megalite.errors import ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.parallel import comm
-from megalite.parallel.build import to_global, to_local
 from megalite.optim.zero3 import LayerGather
+from megalite.optim.zero_state import ZeroStateExchange
 from megalite.parallel.buckets import ALIGN, BucketLayout
 from megalite.parallel.data import (GradBuffer, _Pending, all_gather_async, clip_coefficient,
                                     counts_in_norm)
@@ -97,7 +92,7 @@ def _tied_embedding(model, topo: Topology) -> tuple:
     return (embed.weight,) if getattr(cfg, "tie_embeddings", "") == "true" else ()
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(ZeroStateExchange):
     def __init__(self, model: torch.nn.Module, cfg, topo: Topology):
         par, train, optim = cfg.parallel, cfg.train, cfg.optim
         self.stage = par.zero
@@ -323,117 +318,6 @@ class ZeroOptimizer:
             pending.append(_Pending(b, work, self.group, "all_gather", keep=chunk))
         for item in pending:
             item.wait()
-
-    # ---- checkpoints -----------------------------------------------------------------------
-    def _full_flat(self, space_tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor of this rank's update space -> the whole flat layout, on every rank."""
-        if self.stage == 0:
-            return space_tensor.to(self.device)
-        out = torch.empty(self.layout.total, dtype=space_tensor.dtype, device=self.device)
-        self._all_gather_flat(out, own=space_tensor)
-        return out
-
-    def _owned_named(self):
-        return [(n, p) for n, p in self.named if not getattr(p, "pipeline_tied_copy", False)]
-
-    def _per_param(self, flat: torch.Tensor, tp_global: bool, key: str = "") -> dict:
-        """Split a whole-layout flat tensor into the owned parameters' tensors."""
-        out = {}
-        for name, p in self._owned_named():
-            off = self.where[id(p)]
-            local = flat[off:off + p.numel()].view(p.shape)
-            out[f"{name}/{key}" if key else name] = (to_global(p, local, self.topo)
-                                                    if tp_global else local.clone())
-        return out
-
-    @torch.no_grad()
-    def state_tensors(self, tp_global: bool = True) -> dict[str, torch.Tensor]:
-        """{"name/exp_avg", "name/exp_avg_sq"[, "name/master"]: tensor} for the parameters
-        this stage owns; every rank of the topology must call it."""
-        flats = {"exp_avg": self._full_flat(self.exp_avg),
-                 "exp_avg_sq": self._full_flat(self.exp_avg_sq)}
-        if self.model_dtype != torch.float32:
-            flats["master"] = self._full_flat(self.master)
-        out = {}
-        for key, flat in flats.items():
-            out.update(self._per_param(flat, tp_global, key))
-        return out
-
-    @torch.no_grad()
-    def grad_tensors(self) -> dict[str, torch.Tensor]:
-        """The reduced gradients (after `prepare_step`) as global tensors, for the parameters
-        this stage owns; every rank of the topology must call it."""
-        if self.stage >= 2:
-            flat = self._full_flat(self.grads.shard)
-        else:
-            flat = self.grads.full.clone()
-            if self.stage == 1:  # only this rank's chunks hold the reduced sum
-                self._all_gather_flat(flat)
-        return self._per_param(flat, tp_global=True)
-
-    @torch.no_grad()
-    def param_tensors(self, tp_global: bool = True) -> dict[str, torch.Tensor]:
-        """The model parameters (model dtype) this stage owns, by name."""
-        with self.gathered_params():
-            # clones: under ZeRO 3 the gathered storage is freed on leaving
-            return {n: to_global(p, p.detach().clone(), self.topo) if tp_global
-                    else p.detach().clone() for n, p in self._owned_named()}
-
-    @contextlib.contextmanager
-    def gathered_params(self):
-        """Every parameter present for the duration (ZeRO 3 gathers all units)."""
-        if self.gather is None:
-            yield
-            return
-        for b in self.layout.buckets:
-            self.gather.fetch(b)
-        try:
-            yield
-        finally:
-            self.gather.free_all()
-
-    def _flat_from(self, tensors: dict, key: str, required: bool,
-                   tp_global: bool) -> torch.Tensor | None:
-        flat = torch.zeros(self.layout.total, dtype=torch.float32, device=self.device)
-        for name, p in self.named:
-            value = tensors.get(f"{name}/{key}" if key else name)
-            if value is None:
-                if required:
-                    raise CheckpointError(f"the checkpoint has no '{name}/{key or 'value'}' "
-                                          f"for parameter '{name}'; it was written by another "
-                                          f"model or is incomplete.")
-                return None
-            off = self.where[id(p)]
-            value = value.to(self.device, torch.float32)
-            local = to_local(p, value, self.topo) if tp_global else value
-            flat[off:off + p.numel()] = local.reshape(-1)
-        return flat
-
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: dict, params: dict | None = None, step: int = 0,
-                           tp_global: bool = True) -> None:
-        """Restore from per-parameter tensors (`state_tensors(tp_global)`'s format), the
-        AdamW step count, and, when given, the model parameters `params` (name -> tensor;
-        every parameter this rank holds, a tied copy included)."""
-        if params is not None:
-            flat = self._flat_from(params, "", required=True, tp_global=tp_global)
-            if self.stage < 3:
-                self.param_flat.copy_(flat)
-            else:
-                self.param_shard.copy_(self._extract(flat))
-            if self.separate_master:
-                self.master.copy_(self._extract(flat))
-        if not tensors:
-            return
-        for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            target.copy_(self._extract(self._flat_from(tensors, key, True, tp_global)))
-        master = self._flat_from(tensors, "master", False, tp_global)
-        if self.separate_master:
-            if master is not None:
-                self.master.copy_(self._extract(master))
-            elif params is None and self.stage < 3:
-                self.master.copy_(self._extract(self.param_flat.float()))
-        self.step_count = step
 
     # ---- memory ------------------------------------------------------------------------------
     def memory_report(self) -> dict:

@@ -1,0 +1,130 @@
+"""ZeroOptimizer's state exchange: its sharded flat buffers as per-parameter tensors.
+
+Checkpoints and tests see the optimizer through these methods, never through its
+flat layout: `state_tensors()` ("name/exp_avg", "name/exp_avg_sq", and "name/master"
+under bf16/fp16), `param_tensors()`, `grad_tensors()` (after `prepare_step`), all
+gathered over dp x sp (and over TP unless `tp_global=False`: this TP rank's padded
+shard), and `load_state_tensors()`, which takes the same shapes back for this
+layout. A mixin of `ZeroOptimizer` (optim/zero.py), which owns the buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megalite.errors import CheckpointError
+from megalite.parallel.build import to_global, to_local
+
+
+class ZeroStateExchange:
+    def _full_flat(self, space_tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor of this rank's update space -> the whole flat layout, on every rank."""
+        if self.stage == 0:
+            return space_tensor.to(self.device)
+        out = torch.empty(self.layout.total, dtype=space_tensor.dtype, device=self.device)
+        self._all_gather_flat(out, own=space_tensor)
+        return out
+
+    def _owned_named(self):
+        return [(n, p) for n, p in self.named if not getattr(p, "pipeline_tied_copy", False)]
+
+    def _per_param(self, flat: torch.Tensor, tp_global: bool, key: str = "") -> dict:
+        """Split a whole-layout flat tensor into the owned parameters' tensors."""
+        out = {}
+        for name, p in self._owned_named():
+            off = self.where[id(p)]
+            local = flat[off:off + p.numel()].view(p.shape)
+            out[f"{name}/{key}" if key else name] = (to_global(p, local, self.topo)
+                                                    if tp_global else local.clone())
+        return out
+
+    @torch.no_grad()
+    def state_tensors(self, tp_global: bool = True) -> dict[str, torch.Tensor]:
+        """{"name/exp_avg", "name/exp_avg_sq"[, "name/master"]: tensor} for the parameters
+        this stage owns; every rank of the topology must call it."""
+        flats = {"exp_avg": self._full_flat(self.exp_avg),
+                 "exp_avg_sq": self._full_flat(self.exp_avg_sq)}
+        if self.model_dtype != torch.float32:
+            flats["master"] = self._full_flat(self.master)
+        out = {}
+        for key, flat in flats.items():
+            out.update(self._per_param(flat, tp_global, key))
+        return out
+
+    @torch.no_grad()
+    def grad_tensors(self) -> dict[str, torch.Tensor]:
+        """The reduced gradients (after `prepare_step`) as global tensors, for the parameters
+        this stage owns; every rank of the topology must call it."""
+        if self.stage >= 2:
+            flat = self._full_flat(self.grads.shard)
+        else:
+            flat = self.grads.full.clone()
+            if self.stage == 1:  # only this rank's chunks hold the reduced sum
+                self._all_gather_flat(flat)
+        return self._per_param(flat, tp_global=True)
+
+    @torch.no_grad()
+    def param_tensors(self, tp_global: bool = True) -> dict[str, torch.Tensor]:
+        """The model parameters (model dtype) this stage owns, by name."""
+        with self.gathered_params():
+            # clones: under ZeRO 3 the gathered storage is freed on leaving
+            return {n: to_global(p, p.detach().clone(), self.topo) if tp_global
+                    else p.detach().clone() for n, p in self._owned_named()}
+
+    @contextlib.contextmanager
+    def gathered_params(self):
+        """Every parameter present for the duration (ZeRO 3 gathers all units)."""
+        if self.gather is None:
+            yield
+            return
+        for b in self.layout.buckets:
+            self.gather.fetch(b)
+        try:
+            yield
+        finally:
+            self.gather.free_all()
+
+    def _flat_from(self, tensors: dict, key: str, required: bool,
+                   tp_global: bool) -> torch.Tensor | None:
+        flat = torch.zeros(self.layout.total, dtype=torch.float32, device=self.device)
+        for name, p in self.named:
+            value = tensors.get(f"{name}/{key}" if key else name)
+            if value is None:
+                if required:
+                    raise CheckpointError(f"the checkpoint has no '{name}/{key or 'value'}' "
+                                          f"for parameter '{name}'; it was written by another "
+                                          f"model or is incomplete.")
+                return None
+            off = self.where[id(p)]
+            value = value.to(self.device, torch.float32)
+            local = to_local(p, value, self.topo) if tp_global else value
+            flat[off:off + p.numel()] = local.reshape(-1)
+        return flat
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict, params: dict | None = None, step: int = 0,
+                           tp_global: bool = True) -> None:
+        """Restore from per-parameter tensors (`state_tensors(tp_global)`'s format), the
+        AdamW step count, and, when given, the model parameters `params` (name -> tensor;
+        every parameter this rank holds, a tied copy included)."""
+        if params is not None:
+            flat = self._flat_from(params, "", required=True, tp_global=tp_global)
+            if self.stage < 3:
+                self.param_flat.copy_(flat)
+            else:
+                self.param_shard.copy_(self._extract(flat))
+            if self.separate_master:
+                self.master.copy_(self._extract(flat))
+        if not tensors:
+            return
+        for key, target in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            target.copy_(self._extract(self._flat_from(tensors, key, True, tp_global)))
+        master = self._flat_from(tensors, "master", False, tp_global)
+        if self.separate_master:
+            if master is not None:
+                self.master.copy_(self._extract(master))
+            elif params is None and self.stage < 3:
+                self.master.copy_(self._extract(self.param_flat.float()))
+        self.step_count = step
