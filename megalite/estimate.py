@@ -3,7 +3,7 @@
 `estimate(cfg)` gives, for a config and its layout, the parameter count, the model and
 hardware FLOPs of one global batch, and the bytes each pipeline stage holds per rank:
 
-- params / grads / optimizer: ZeroOptimizer's flat buffers (optim/zero.py), bucket
+- params / grads / optimizer (megalite/estimate_state.py): ZeroOptimizer's flat buffers, bucket
   padding included by laying the rank's parameters out with the same `BucketLayout`:
   model-dtype parameters, gradients in train.grad_dtype (fp32 shard under ZeRO 2/3),
   8 bytes of Adam moments plus a 4-byte fp32 master when the model is not fp32.
@@ -33,14 +33,12 @@ from functools import lru_cache
 from megalite.config import Config, resolve
 from megalite.errors import ConfigError
 from megalite.metrics import flops_per_token
-from megalite.parallel.buckets import BucketLayout
-from megalite.parallel.data import MAX_IN_FLIGHT
+from megalite.estimate_state import (BYTES, _vocab_rows, param_count, stage_layers,
+                                     state_bytes)
 from megalite.parallel.pipeline import SCHEDULES
 from megalite.parallel.sequence import check_sp_layout
-from megalite.parallel.stage import layer_counts
-from megalite.parallel.tensor import check_tp_layout, padded_vocab_size
+from megalite.parallel.tensor import check_tp_layout
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 MEMORY_KEYS = ("params", "grads", "optimizer", "activations", "buffers")
 
 
@@ -70,143 +68,6 @@ def check_layout(cfg: Config) -> None:
                           f"set --model.dropout=0 or --parallel.sp=1.")
     if p.zero == 3 and p.pp > 1:
         raise ConfigError("zero 3 with pp > 1 is not supported; use --parallel.zero=2.")
-
-
-# ---- parameters ---------------------------------------------------------------------
-def _block_params(m, tp: int) -> list[int]:
-    """Element counts of one block's parameters on a TP rank, in registration order."""
-    h, f, gpt2 = m.hidden_size, m.ffn_hidden_size, m.preset == "gpt2"
-    kv_width = m.num_kv_heads * (h // m.num_heads)
-    norm = [h, h] if gpt2 else [h]
-
-    def column(i, o):  # weight rows split, bias split
-        return [o // tp * i] + ([o // tp] if gpt2 else [])
-
-    def row(i, o):  # weight columns split, bias replicated
-        return [o * (i // tp)] + ([o] if gpt2 else [])
-
-    attention = column(h, h) + column(h, kv_width) * 2 + row(h, h)
-    mlp = column(h, f) + row(f, h) if gpt2 else column(h, f) * 2 + row(f, h)
-    return norm + attention + norm + mlp
-
-
-def _vocab_rows(cfg: Config) -> int:
-    p = cfg.parallel
-    if p.tp == 1:  # DenseLayers: no padding
-        return cfg.model.vocab_size
-    return padded_vocab_size(cfg.model.vocab_size, p.tp, p.vocab_pad_multiple) // p.tp
-
-
-def stage_layers(cfg: Config, pp_rank: int) -> list[list[int]]:
-    """Global layer ids of each local chunk of pipeline rank `pp_rank`."""
-    p = cfg.parallel
-    counts = layer_counts(cfg.model.num_layers, p.pp, p.virtual_stages, p.stage_layers)
-    starts = [sum(counts[:s]) for s in range(len(counts))]
-    return [list(range(starts[s], starts[s] + counts[s]))
-            for s in range(pp_rank, p.pp * p.virtual_stages, p.pp)]
-
-
-def rank_params(cfg: Config, pp_rank: int, blocks: bool = True) -> list[tuple[int | None, int]]:
-    """(layer id or None, elements) of each parameter of a rank, in registration order
-    (model.Transformer): embedding, positions, blocks (unless not `blocks`), final norm,
-    untied head."""
-    m, p = cfg.model, cfg.parallel
-    h, gpt2, tied = m.hidden_size, m.preset == "gpt2", m.tie_embeddings == "true"
-    first, last = pp_rank == 0, pp_rank == p.pp - 1
-    out = []
-    if first or (last and tied):
-        out.append((None, _vocab_rows(cfg) * h))
-    if gpt2 and first:
-        out.append((None, m.max_seq_len * h))
-    if blocks:
-        block = _block_params(m, p.tp)
-        out += [(i, n) for chunk in stage_layers(cfg, pp_rank) for i in chunk for n in block]
-    if last:
-        out += [(None, h)] * (2 if gpt2 else 1)
-        if not tied:
-            out.append((None, _vocab_rows(cfg) * h))
-    return out
-
-
-def param_count(cfg: Config) -> int:
-    """Parameters of the whole model, a tied weight once, unpadded vocabulary."""
-    m = cfg.model
-    h, V = m.hidden_size, m.vocab_size
-    positions = m.max_seq_len * h if m.preset == "gpt2" else 0
-    final_norm = 2 * h if m.preset == "gpt2" else h
-    head = 0 if m.tie_embeddings == "true" else V * h
-    return V * h + positions + m.num_layers * sum(_block_params(m, 1)) + final_norm + head
-
-
-class _Numel:
-    """Stands in for a parameter in BucketLayout, which only asks for numel()."""
-    __slots__ = ("n",)
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def numel(self) -> int:
-        return self.n
-
-
-def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
-    """Flat-buffer sizes of a rank: total, shard and the ZeRO 3 units (padding included
-    when `exact`, by building ZeroOptimizer's BucketLayout from the parameter sizes)."""
-    p = cfg.parallel
-    n = p.dp * p.sp
-    if not exact:
-        rest = sum(k for _, k in rank_params(cfg, pp_rank, blocks=False))
-        block = sum(_block_params(cfg.model, p.tp))
-        psi = rest + block * sum(len(chunk) for chunk in stage_layers(cfg, pp_rank))
-        return {"psi": psi, "total": psi, "shard": psi / n, "rest": rest, "block": block,
-                "largest_bucket": min(psi, p.bucket_mb * 2 ** 20 / 4)}
-    shapes = rank_params(cfg, pp_rank)
-    params = [(i, _Numel(k)) for i, k in shapes]
-    order = [q for _, q in reversed(params)]
-    units = None
-    if p.zero == 3:
-        layers = sorted({i for i, _ in params if i is not None})
-        blocks = [[q for i, q in reversed(params) if i == layer] for layer in layers]
-        in_blocks = {id(q) for unit in blocks for q in unit}
-        units = [[q for q in order if id(q) not in in_blocks], *reversed(blocks)]
-    # A tied embedding split over stages sits alone in a bucket (zero.py `_tied_embedding`).
-    tied = cfg.model.tie_embeddings == "true" and p.pp > 1 and pp_rank in (0, p.pp - 1)
-    grad_bytes = 4 if p.zero >= 2 else BYTES[cfg.train.grad_dtype]
-    bucket_numel = max(1, int(p.bucket_mb * 2 ** 20 / grad_bytes))
-    layout = BucketLayout(order, n, bucket_numel, units,
-                          isolate=(params[0][1],) if tied and units is None else ())
-    sizes = [b.size for b in layout.buckets]
-    return {"psi": layout.numel, "total": layout.total, "shard": layout.shard_size,
-            "rest": sizes[0] if units else 0, "block": max(sizes[1:], default=0) if units else 0,
-            "largest_bucket": max(sizes)}
-
-
-def state_bytes(cfg: Config, pp_rank: int, exact: bool = True) -> dict:
-    """Parameters, gradients and optimizer state of a rank (ZeroOptimizer's tensors), and
-    the ZeRO transients: gathered blocks and gradient bucket buffers."""
-    p, t = cfg.parallel, cfg.train
-    lay = _layout(cfg, pp_rank, exact)
-    e, g, n = BYTES[t.precision], BYTES[t.grad_dtype], p.dp * p.sp
-    separate_master = t.precision != "fp32" or cfg.optim.offload == "cpu"
-    opt_numel = lay["total"] if p.zero == 0 else lay["shard"]
-    out = {"psi": lay["psi"],
-           "params": e * (lay["total"] if p.zero < 3 else lay["shard"]),
-           "grads": g * lay["total"] if p.zero < 2 else 4 * lay["shard"],
-           "optimizer": (8 + 4 * separate_master) * opt_numel, "host_optimizer": 0}
-    if cfg.optim.offload == "cpu":
-        out["host_optimizer"], out["optimizer"] = out["optimizer"], 0
-    buffers = {}
-    if p.zero == 3:  # the rest unit for the whole step, a block and the prefetched next
-        buffers["zero3_gathered"] = e * (lay["rest"] + 2 * lay["block"])
-    if p.zero >= 2:
-        # GradBuffer: the bucket being filled plus MAX_IN_FLIGHT reduce-scatters, each
-        # holding its full-size bucket gradient (and its output chunk), at most.
-        buffers["grad_buckets"] = min(g * lay["total"], (MAX_IN_FLIGHT + 1) * g * (
-            lay["largest_bucket"] * (1 + (1 / n if n > 1 else 0))))
-    elif p.zero == 1 and n > 1:  # reduce-scatter outputs of the last backward
-        buffers["grad_buckets"] = g * lay["shard"]
-    out["buffers"] = buffers
-    return out
 
 
 # ---- activations ---------------------------------------------------------------------
