@@ -130,7 +130,7 @@ ZERO_LAYOUTS = [
 ]
 # Settings that leave the arithmetic unchanged: the reference runs without them.
 LAYOUT_ONLY = {"train.recompute", "optim.offload"}
-SLOW_PIPELINE_LAYOUTS = [
+PIPELINE_MATRIX = [
     (preset, {"pp": pp, "schedule": schedule, "model.num_layers": 8,
               "train.global_batch_size": 2 * m, **extra})
     for preset in ("llama", "gpt2") for pp in (2, 4) for schedule in ("gpipe", "1f1b")
@@ -196,8 +196,8 @@ def test_zero_matches_single_process(cache, tmp_path, preset, layout):
     _check(cache, tmp_path, preset, layout)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("preset, layout", SLOW_PIPELINE_LAYOUTS, ids=lambda v: str(v))
+# The whole pipeline matrix runs in CI (about 5 minutes on 2 cores).
+@pytest.mark.parametrize("preset, layout", PIPELINE_MATRIX, ids=lambda v: str(v))
 def test_pipeline_full_matrix(cache, tmp_path, preset, layout):
     _check(cache, tmp_path, preset, layout)
 
