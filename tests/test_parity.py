@@ -181,24 +181,11 @@ def _check(cache, tmp_path, preset, layout):
     assert seen == set(ref_grads)
 
 
-@pytest.mark.parametrize("preset, layout", LAYOUTS, ids=lambda v: str(v))
+# In CI: the TP/SP layouts, the quick pipeline ones, the ZeRO ones and the whole
+# pipeline matrix (about 5 minutes of the suite on 2 cores).
+@pytest.mark.parametrize("preset, layout", LAYOUTS + PIPELINE_LAYOUTS + ZERO_LAYOUTS
+                         + PIPELINE_MATRIX, ids=lambda v: str(v))
 def test_layout_matches_single_process(cache, tmp_path, preset, layout):
-    _check(cache, tmp_path, preset, layout)
-
-
-@pytest.mark.parametrize("preset, layout", PIPELINE_LAYOUTS, ids=lambda v: str(v))
-def test_pipeline_matches_single_process(cache, tmp_path, preset, layout):
-    _check(cache, tmp_path, preset, layout)
-
-
-@pytest.mark.parametrize("preset, layout", ZERO_LAYOUTS, ids=lambda v: str(v))
-def test_zero_matches_single_process(cache, tmp_path, preset, layout):
-    _check(cache, tmp_path, preset, layout)
-
-
-# The whole pipeline matrix runs in CI (about 5 minutes on 2 cores).
-@pytest.mark.parametrize("preset, layout", PIPELINE_MATRIX, ids=lambda v: str(v))
-def test_pipeline_full_matrix(cache, tmp_path, preset, layout):
     _check(cache, tmp_path, preset, layout)
 
 
