@@ -77,7 +77,7 @@ def adamw_step_reference(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps
                          weight_decay, step):
     """The same update with torch ops, as torch.optim.AdamW's single-tensor path does it."""
     decay, step_size, bc2_sqrt = _coefficients(float(lr), beta1, beta2, weight_decay, int(step))
-    grad = grad.float()
+    grad = grad.to(param.dtype)
     param.mul_(decay)
     exp_avg.lerp_(grad, 1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)

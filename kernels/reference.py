@@ -1,18 +1,30 @@
-"""Plain torch versions of every fused op: the CPU path and the tests' ground truth."""
+"""Plain torch versions of every fused op: the CPU path and the tests' ground truth.
+
+Reductions (norms, softmax, the loss) run in `compute_dtype`: fp32 for half-precision
+inputs, the input's own dtype for fp32 and fp64, so a float64 run stays float64 end to
+end (the layout-parity tests depend on it).
+"""
 
 import torch
 import torch.nn.functional as F
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to accumulate in: at least fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rms_norm(x, weight, eps):
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
+    acc = compute_dtype(x.dtype)
+    xa = x.to(acc)
+    y = xa * torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(acc)).to(x.dtype)
 
 
 def layer_norm(x, weight, bias, eps):
-    return F.layer_norm(x.float(), x.shape[-1:], weight.float(),
-                        None if bias is None else bias.float(), eps).to(x.dtype)
+    acc = compute_dtype(x.dtype)
+    return F.layer_norm(x.to(acc), x.shape[-1:], weight.to(acc),
+                        None if bias is None else bias.to(acc), eps).to(x.dtype)
 
 
 def _rotate_half(x):
@@ -34,7 +46,7 @@ def gelu(x):
 
 
 def cross_entropy(logits, targets):
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.to(compute_dtype(logits.dtype)), targets)
 
 
 def attention(q, k, v):

@@ -69,8 +69,8 @@ class TrainConfig:
     seq_len: int = 128
     micro_batch_size: int = 8
     global_batch_size: int = 8
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    grad_dtype: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | fp64 (float64 everywhere: tests, debugging)
+    grad_dtype: str = "fp32"  # fp32 | bf16 | fp16; fp64 runs reduce in fp64
     loss_scale_init_pow: int = 16  # fp16: the loss scale starts at 2**this
     loss_scale_window: int = 1000  # fp16: steps without overflow before the scale doubles
     loss_scale_hysteresis: int = 2  # fp16: overflows tolerated before the scale halves
@@ -170,8 +170,8 @@ CHOICES = {
     "model.tie_embeddings": ("true", "false", "auto"),
     "parallel.sp_mode": ("ring", "all_to_all"),
     "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.grad_dtype": ("fp32", "bf16", "fp16"),
+    "train.precision": ("fp32", "bf16", "fp16", "fp64"),
+    "train.grad_dtype": ("fp32", "bf16", "fp16", "fp64"),
     "train.recompute": ("none", "selective", "full"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.schedule": ("constant", "cosine", "wsd"),
@@ -409,6 +409,13 @@ def validate(cfg: Config) -> None:
     _check(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1).")
     if t.precision == "fp32":
         _check(t.grad_dtype == "fp32", "train.grad_dtype must be fp32 when precision is fp32.")
+    if t.precision == "fp64":
+        _check(t.grad_dtype in ("fp32", "fp64"),
+               f"train.precision=fp64 reduces gradients in fp64; train.grad_dtype={t.grad_dtype} "
+               f"would round them. Drop train.grad_dtype.")
+    else:
+        _check(t.grad_dtype != "fp64", f"train.grad_dtype=fp64 needs train.precision=fp64 "
+                                       f"(got {t.precision}).")
 
 
 def resolve(cfg: Config, vocab_size: int, device: str) -> Config:
@@ -429,6 +436,8 @@ def resolve(cfg: Config, vocab_size: int, device: str) -> Config:
         m.kernels = "triton" if device == "cuda" else "torch"
     if m.attention == "auto":
         m.attention = "triton" if m.kernels == "triton" else "sdpa"
+    if cfg.train.precision == "fp64":
+        cfg.train.grad_dtype = "fp64"
     if cfg.train.device == "auto":
         cfg.train.device = device
     return cfg

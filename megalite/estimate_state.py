@@ -14,7 +14,7 @@ from megalite.parallel.data import MAX_IN_FLIGHT
 from megalite.parallel.stage import layer_counts
 from megalite.parallel.tensor import padded_vocab_size
 
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _block_params(m, tp: int) -> list[int]:
@@ -115,7 +115,7 @@ def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
         units = [[q for q in order if id(q) not in in_blocks], *reversed(blocks)]
     # A tied embedding split over stages sits alone in a bucket (zero.py `_tied_embedding`).
     tied = cfg.model.tie_embeddings == "true" and p.pp > 1 and pp_rank in (0, p.pp - 1)
-    grad_bytes = 4 if p.zero >= 2 else BYTES[cfg.train.grad_dtype]
+    grad_bytes = _master_bytes(cfg) if p.zero >= 2 else BYTES[cfg.train.grad_dtype]
     bucket_numel = max(1, int(p.bucket_mb * 2 ** 20 / grad_bytes))
     layout = BucketLayout(order, n, bucket_numel, units,
                           isolate=(params[0][1],) if tied and units is None else ())
@@ -125,18 +125,24 @@ def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
             "largest_bucket": max(sizes)}
 
 
+def _master_bytes(cfg: Config) -> int:
+    """Bytes per element of the master weights, moments and sharded gradients: fp32,
+    or fp64 for an fp64 run (zero.py's `master_dtype`)."""
+    return max(4, BYTES[cfg.train.precision])
+
+
 def state_bytes(cfg: Config, pp_rank: int, exact: bool = True) -> dict:
     """Parameters, gradients and optimizer state of a rank (ZeroOptimizer's tensors), and
     the ZeRO transients: gathered blocks and gradient bucket buffers."""
     p, t = cfg.parallel, cfg.train
     lay = _layout(cfg, pp_rank, exact)
-    e, g, n = BYTES[t.precision], BYTES[t.grad_dtype], p.dp * p.sp
-    separate_master = t.precision != "fp32" or cfg.optim.offload == "cpu"
+    e, g, n, master = BYTES[t.precision], BYTES[t.grad_dtype], p.dp * p.sp, _master_bytes(cfg)
+    separate_master = e != master or cfg.optim.offload == "cpu"
     opt_numel = lay["total"] if p.zero == 0 else lay["shard"]
     out = {"psi": lay["psi"],
            "params": e * (lay["total"] if p.zero < 3 else lay["shard"]),
-           "grads": g * lay["total"] if p.zero < 2 else 4 * lay["shard"],
-           "optimizer": (8 + 4 * separate_master) * opt_numel, "host_optimizer": 0}
+           "grads": g * lay["total"] if p.zero < 2 else master * lay["shard"],
+           "optimizer": master * (2 + separate_master) * opt_numel, "host_optimizer": 0}
     if cfg.optim.offload == "cpu":
         out["host_optimizer"], out["optimizer"] = out["optimizer"], 0
     buffers = {}

@@ -27,8 +27,7 @@ from megalite.config import config_from_dict
 from megalite.errors import CheckpointError
 from megalite.hf_names import hf_config, hf_name_map, to_hf
 from megalite.hf_tokenizer import write_hf_tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from megalite.optim.zero import DTYPES
 
 
 @contextlib.contextmanager

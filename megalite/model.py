@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels import get_ops
+from kernels.reference import compute_dtype
 from megalite.config import ModelConfig
 from megalite.parallel.sequence import sequence_attention
 from megalite.parallel.stage import StageSpec
@@ -125,11 +126,13 @@ def make_norm(cfg: ModelConfig, ops) -> nn.Module:
     return norm(cfg.hidden_size, cfg.norm_eps, ops)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin [S, head_dim] for the given positions, in fp32 (HF rotate-half layout)."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                dtype: torch.dtype = torch.float32):
+    """cos, sin [S, head_dim] for the given positions (HF rotate-half layout), in `dtype`:
+    fp32, or fp64 for a float64 model."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype)
     inv_freq = 1.0 / theta ** (exponents / head_dim)
-    freqs = torch.outer(positions.float(), inv_freq)
+    freqs = torch.outer(positions.to(dtype), inv_freq)
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -143,7 +146,7 @@ def eager_attention(q, k, v, dropout_p: float):
     seq = scores.shape[-1]
     future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
     return F.dropout(probs, dropout_p, training=dropout_p > 0) @ v
 
 
@@ -323,8 +326,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {seq} tokens is longer than the "
                                  f"learned positions (model.max_seq_len={self.cfg.max_seq_len})")
             position_ids = torch.arange(seq, device=x.device)
+        dtype = compute_dtype((x if x.is_floating_point() else self.embed.weight).dtype)
         rope = (None if self.cfg.preset == "gpt2"
-                else rope_tables(position_ids, self.head_dim, self.cfg.rope_theta))
+                else rope_tables(position_ids, self.head_dim, self.cfg.rope_theta, dtype))
         if embeds:
             x = self.embed(x)
             if self.pos_embed is not None:

@@ -202,13 +202,14 @@ class Trainer:
                                          final_backward=lambda: opt.micro_batch(is_last=True))
             # The loss exists on the last stage only; the sum hands it to every stage.
             return comm.all_reduce(loss_sum, self.topo.pp_group) / scale
-        loss_sum = torch.zeros((), device=self.device)
+        # float64: the logged loss is a sum of m terms, exact to fp32 rounding or better
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, micro in enumerate(micro_batches):
             inputs, targets, positions = self._batch(self.data.train, micro)
             with opt.micro_batch(is_last=i == len(micro_batches) - 1):
                 loss = self.model(inputs, targets, positions) * weight
                 opt.scale_loss(loss).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach()
         return loss_sum
 
     @torch.no_grad()
@@ -222,7 +223,7 @@ class Trainer:
             raise ConfigError(f"the validation split has {len(self.data.val)} samples, fewer "
                               f"than dp={dp}; lower train.seq_len or raise data.val_fraction.")
         mine = list(range(self.topo.dp_rank, count, dp))
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         batches = [self._batch(self.data.val, mine[start:start + mbs])
                    for start in range(0, len(mine), mbs)]
         if self.pipeline is not None:

@@ -5,7 +5,8 @@ parameter into flat buffers laid out by `parallel.buckets.BucketLayout` (reverse
 registration order, buckets of `parallel.bucket_mb`, each padded to a multiple of
 dp*sp*ALIGN elements so it splits into equal chunks, rank r owning chunk r of every
 bucket), casts the parameters to `train.precision` and keeps the fp32 master copy
-itself, so build it after the model is initialised and on its device, and never call
+itself (`train.precision: fp64` keeps gradients, master and moments in float64 too:
+the layout-parity tests run so), so build it after the model is initialised and on its device, and never call
 `model.to()` afterwards. Over the dp x sp group of N ranks (`parallel.zero`):
 
     stage  parameters (model dtype)  gradients          fp32 master + Adam moments
@@ -63,6 +64,7 @@ import math
 
 import torch
 
+from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.parallel import comm
@@ -73,11 +75,12 @@ from megalite.parallel.data import (GradBuffer, _Pending, all_gather_async, clip
                                     counts_in_norm)
 from megalite.topology import Topology
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
 
 
-def _adamw_kernel(device: torch.device):
-    if device.type == "cuda":
+def _adamw_kernel(device: torch.device, dtype: torch.dtype):
+    if device.type == "cuda" and dtype == torch.float32:
         from kernels.adamw import adamw_step
         return adamw_step
     from kernels.adamw import adamw_step_reference
@@ -102,7 +105,11 @@ class ZeroOptimizer(ZeroStateExchange):
         self.cfg, self.topo, self.model = cfg, topo, model
         self.group = topo.dp_sp_group
         self.n, self.rank = self.group.size, self.group.rank
-        self.model_dtype, self.grad_dtype = DTYPES[train.precision], DTYPES[train.grad_dtype]
+        self.model_dtype = DTYPES[train.precision]
+        # fp64 (tests, debugging): gradients, master and moments all float64 too
+        self.grad_dtype = (torch.float64 if self.model_dtype == torch.float64
+                           else DTYPES[train.grad_dtype])
+        self.master_dtype = compute_dtype(self.model_dtype)
         self.offload = optim.offload == "cpu"
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in self.named]
@@ -110,7 +117,7 @@ class ZeroOptimizer(ZeroStateExchange):
         self.opt_device = torch.device("cpu") if self.offload else self.device
         order = list(reversed(params))
         units = self._units(model, order) if self.stage == 3 else None
-        grad_bytes = 4 if self.stage >= 2 else self.grad_dtype.itemsize
+        grad_bytes = (self.master_dtype if self.stage >= 2 else self.grad_dtype).itemsize
         bucket_numel = max(1, int(par.bucket_mb * 2 ** 20 / grad_bytes))
         tied = _tied_embedding(model, topo)
         names = {id(p): n for n, p in self.named}
@@ -125,11 +132,11 @@ class ZeroOptimizer(ZeroStateExchange):
         self.space_rank = None if self.stage == 0 else self.rank
         self.space_numel = layout.total if self.stage == 0 else layout.shard_size
 
-        flat32 = torch.zeros(layout.total, dtype=torch.float32, device=self.device)
+        flat32 = torch.zeros(layout.total, dtype=self.master_dtype, device=self.device)
         for p in params:
             off = self.where[id(p)]
-            flat32[off:off + p.numel()] = p.detach().reshape(-1).float()
-        self.separate_master = self.model_dtype != torch.float32 or self.offload
+            flat32[off:off + p.numel()] = p.detach().reshape(-1)
+        self.separate_master = self.model_dtype != self.master_dtype or self.offload
         self.param_flat = self.param_shard = None
         self.unit_full = {}
         if self.stage < 3:
@@ -149,7 +156,7 @@ class ZeroOptimizer(ZeroStateExchange):
         pin = self.offload and torch.cuda.is_available()
 
         def state_buffer():
-            t = torch.zeros(self.space_numel, dtype=torch.float32, device=self.opt_device)
+            t = torch.zeros(self.space_numel, dtype=self.master_dtype, device=self.opt_device)
             return t.pin_memory() if pin else t
 
         self.master = None
@@ -243,9 +250,9 @@ class ZeroOptimizer(ZeroStateExchange):
             (self.grads.shard if self.stage >= 2 else self.grads.full).mul_(self.scaler.inv_scale)
         # Every element counts in exactly one rank's norm pieces, so a non-finite gradient
         # anywhere makes the global sum of squares non-finite: one pass finds both.
-        sum_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        sum_sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for flat, space, length in self.norm_pieces:
-            g = self.grads.grad_view(flat, space, length).float()
+            g = self.grads.grad_view(flat, space, length).to(self.master_dtype)
             # CPU torch.dot loses precision on long vectors (rel 1e-4 at 25M elements):
             # sum dots of 256K-element pieces (rel ~1e-8).
             for piece in g.split(1 << 18):
@@ -268,7 +275,7 @@ class ZeroOptimizer(ZeroStateExchange):
         o = self.cfg.optim
         coef = clip_coefficient(self._norm, o.clip_grad if max_norm is None else max_norm)
         self.step_count += 1
-        adamw = _adamw_kernel(self.opt_device)
+        adamw = _adamw_kernel(self.opt_device, self.master_dtype)
         # On CPU, pieces that stay in cache and bound the update's temporaries; the
         # CUDA kernel takes a whole run in one launch.
         piece = 1 << 18 if self.opt_device.type == "cpu" else 1 << 62
@@ -276,8 +283,8 @@ class ZeroOptimizer(ZeroStateExchange):
             for off in range(0, run_length, piece):
                 space, flat, length = run_space + off, run_flat + off, min(piece, run_length - off)
                 grad = self.grads.grad_view(flat, space, length)
-                if grad.dtype != torch.float32 or grad.device != self.opt_device:
-                    grad = grad.to(self.opt_device, torch.float32)
+                if grad.dtype != self.master_dtype or grad.device != self.opt_device:
+                    grad = grad.to(self.opt_device, self.master_dtype)
                 if coef != 1.0:
                     grad.mul_(coef)
                 adamw(self._master_view(space, flat, length), grad,
@@ -329,8 +336,9 @@ class ZeroOptimizer(ZeroStateExchange):
         in-flight bucket gradients are not counted."""
         psi, pad, n = self.layout.numel, self.layout.padding, self.n
         e_param = self.model_dtype.itemsize
-        e_grad = 4 if self.stage >= 2 else self.grad_dtype.itemsize
-        e_opt = 8 + (4 if self.separate_master else 0)
+        e_master = self.master_dtype.itemsize
+        e_grad = e_master if self.stage >= 2 else self.grad_dtype.itemsize
+        e_opt = e_master * (3 if self.separate_master else 2)
         shards = {"params": n if self.stage == 3 else 1, "grads": n if self.stage >= 2 else 1,
                   "optimizer": n if self.stage >= 1 else 1}
         param_tensor = self.param_flat if self.stage < 3 else self.param_shard

@@ -46,7 +46,7 @@ class ZeroStateExchange:
         this stage owns; every rank of the topology must call it."""
         flats = {"exp_avg": self._full_flat(self.exp_avg),
                  "exp_avg_sq": self._full_flat(self.exp_avg_sq)}
-        if self.model_dtype != torch.float32:
+        if self.model_dtype != self.master_dtype:
             flats["master"] = self._full_flat(self.master)
         out = {}
         for key, flat in flats.items():
@@ -88,7 +88,7 @@ class ZeroStateExchange:
 
     def _flat_from(self, tensors: dict, key: str, required: bool,
                    tp_global: bool) -> torch.Tensor | None:
-        flat = torch.zeros(self.layout.total, dtype=torch.float32, device=self.device)
+        flat = torch.zeros(self.layout.total, dtype=self.master_dtype, device=self.device)
         for name, p in self.named:
             value = tensors.get(f"{name}/{key}" if key else name)
             if value is None:
@@ -98,7 +98,7 @@ class ZeroStateExchange:
                                           f"model or is incomplete.")
                 return None
             off = self.where[id(p)]
-            value = value.to(self.device, torch.float32)
+            value = value.to(self.device, self.master_dtype)
             local = to_local(p, value, self.topo) if tp_global else value
             flat[off:off + p.numel()] = local.reshape(-1)
         return flat
@@ -126,5 +126,5 @@ class ZeroStateExchange:
             if master is not None:
                 self.master.copy_(self._extract(master))
             elif params is None and self.stage < 3:
-                self.master.copy_(self._extract(self.param_flat.float()))
+                self.master.copy_(self._extract(self.param_flat.to(self.master_dtype)))
         self.step_count = step

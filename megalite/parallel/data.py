@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kernels.reference import compute_dtype
 from megalite.parallel import comm
 from megalite.parallel.buckets import Bucket, BucketLayout
 from megalite.topology import Group, Topology
@@ -114,9 +115,9 @@ class GradBuffer:
         self.shard_mode, self.overlap = shard, overlap
         self.scatter = scatter or shard  # reduce-scatter rather than all-reduce
         self.on_bucket_complete, self.on_backward_end = on_bucket_complete, on_backward_end
-        # ZeRO 0/1: the whole gradient; ZeRO 2/3: this rank's chunks, always fp32.
+        # ZeRO 0/1: the whole gradient; ZeRO 2/3: this rank's chunks, in fp32 (fp64 for fp64).
         self.full = None if shard else torch.zeros(layout.total, dtype=dtype, device=device)
-        self.shard = (torch.zeros(layout.shard_size, dtype=torch.float32, device=device)
+        self.shard = (torch.zeros(layout.shard_size, dtype=compute_dtype(dtype), device=device)
                       if shard else None)
         self.partial: list = [None] * len(layout.buckets)  # ZeRO 2/3: buckets being filled
         self.ready = [0] * len(layout.buckets)

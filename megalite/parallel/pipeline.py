@@ -152,7 +152,7 @@ class PipelineEngine:
         plan = (SCHEDULES[schedule] if train else forward_only)(self.m, self.pp, self.rank, self.v)
         last_vstage = self.pp * self.v - 1
         self.pending, saved, self.peak_live = [], {}, 0
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         received = self._exchange([], self._needs_recv(plan[0]))
         last_backward = max((i for i, a in enumerate(plan) if a[0] == "B"), default=-1)
         for step, (kind, chunk, mb) in enumerate(plan):
@@ -168,7 +168,7 @@ class PipelineEngine:
                                                    positions)
                 if vs == last_vstage:
                     out = out * weights[mb]
-                    loss_sum += out.detach().float()
+                    loss_sum += out.detach()
                 else:
                     sends.append((out.detach(), self._peer(1), self._tag(False, vs + 1, mb)))
                 if train:

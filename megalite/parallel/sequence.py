@@ -26,6 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
 from megalite.parallel import comm
 from megalite.topology import Group
@@ -156,7 +157,8 @@ def _visible_blocks(sp_size: int, sp_rank: int, owner: int):
 
 
 def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
-    s = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
+    acc = compute_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
     if causal:
         n = s.shape[-1]
         future = torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1)
@@ -168,7 +170,7 @@ def _block_forward(q, k, v, causal, scale, out, lse):
     """Attend q to one k/v block and merge into the running (out, lse), both fp32."""
     s = _scores(q, k, causal, scale)
     block_lse = torch.logsumexp(s, dim=-1)
-    block_out = torch.matmul(torch.exp(s - block_lse.unsqueeze(-1)), v.float().unsqueeze(2))
+    block_out = torch.matmul(torch.exp(s - block_lse.unsqueeze(-1)), v.to(s.dtype).unsqueeze(2))
     new_lse = torch.logaddexp(lse, block_lse)
     out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
     out.add_(block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
@@ -179,10 +181,10 @@ def _block_backward(q, k, v, dout, lse, delta, causal, scale, dq, dk, dv):
     """Add one block's contributions to dq [.., g, c, D] and dk/dv [.., c, D] (fp32)."""
     p = torch.exp(_scores(q, k, causal, scale) - lse.unsqueeze(-1))
     dv.add_(torch.matmul(p.transpose(-1, -2), dout).sum(2))
-    dp = torch.matmul(dout, v.float().unsqueeze(2).transpose(-1, -2))
+    dp = torch.matmul(dout, v.to(p.dtype).unsqueeze(2).transpose(-1, -2))
     ds = p * (dp - delta.unsqueeze(-1))
-    dq.add_(torch.matmul(ds, k.float().unsqueeze(2)), alpha=scale)
-    dk.add_(torch.matmul(ds.transpose(-1, -2), q.float()).sum(2), alpha=scale)
+    dq.add_(torch.matmul(ds, k.to(p.dtype).unsqueeze(2)), alpha=scale)
+    dk.add_(torch.matmul(ds.transpose(-1, -2), q.to(p.dtype)).sum(2), alpha=scale)
 
 
 def _grouped(q, num_kv_heads):
@@ -198,8 +200,9 @@ class _RingAttention(torch.autograd.Function):
         hkv = k.shape[1]
         scale = 1.0 / math.sqrt(d)
         qg = _grouped(q, hkv)
-        out = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        acc = compute_dtype(q.dtype)
+        out = torch.zeros(qg.shape, dtype=acc, device=q.device)
+        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         out_parts, lse_parts = out.chunk(2, dim=3), lse.chunk(2, dim=3)  # views, merged in place
         q_parts = qg.chunk(2, dim=3)
         kv = torch.stack([k, v])
@@ -225,10 +228,11 @@ class _RingAttention(torch.autograd.Function):
         hkv = k.shape[1]
         scale = 1.0 / math.sqrt(d)
         qg = _grouped(q, hkv)
-        dout_g = _grouped(dout.contiguous(), hkv).float()
+        acc = compute_dtype(q.dtype)
+        dout_g = _grouped(dout.contiguous(), hkv).to(acc)
         # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): the softmax-backward correction
-        delta = (dout_g * _grouped(out, hkv).float()).sum(-1)
-        dq = torch.zeros(qg.shape, dtype=torch.float32, device=q.device)
+        delta = (dout_g * _grouped(out, hkv).to(acc)).sum(-1)
+        dq = torch.zeros(qg.shape, dtype=acc, device=q.device)
         q_parts, dq_parts = qg.chunk(2, dim=3), dq.chunk(2, dim=3)
         dout_parts, lse_parts, delta_parts = (t.chunk(2, dim=3) for t in (dout_g, lse, delta))
         kv = torch.stack([k, v])
@@ -238,7 +242,7 @@ class _RingAttention(torch.autograd.Function):
             owner = (group.rank - step) % group.size
             # this block's dk/dv; the owner's running sum (fp32: it collects sp partial
             # sums, which half precision would round away) arrives meanwhile
-            dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
             for qi, ki, diagonal in _visible_blocks(group.size, group.rank, owner):
                 k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
                 dk_blk, dv_blk = (t.chunk(2, dim=2)[ki] for t in dkv)
@@ -262,7 +266,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group: 
 
     q [B, Hq, S_local, D], k/v [B, Hkv, S_local, D]: this rank's two load-balanced
     chunks as `shard_sequence(..., mode="ring")` lays them out. Hq must be a multiple
-    of Hkv. The softmax is computed in fp32; the output has q's dtype.
+    of Hkv. The softmax is computed in fp32 (fp64 for fp64); the output has q's dtype.
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"ring attention: {q.shape[1]} query heads is not a multiple of "

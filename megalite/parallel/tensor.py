@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
 from megalite.parallel import comm
 from megalite.topology import Group
@@ -220,7 +221,7 @@ class VocabParallelHead(ColumnParallelLinear):
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, group, vocab_start, vocab_size, ignore_index):
-        x = logits.float()
+        x = logits.to(compute_dtype(logits.dtype))
         columns = vocab_start + torch.arange(x.shape[1], device=x.device)
         x = x.masked_fill(columns >= vocab_size, float("-inf"))
         local = targets - vocab_start
@@ -244,7 +245,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, lse, local, mine, valid, n_valid = ctx.saved_tensors
-        x = logits.float()
+        x = logits.to(compute_dtype(logits.dtype))
         columns = ctx.vocab_start + torch.arange(x.shape[1], device=x.device)
         x = x.masked_fill(columns >= ctx.vocab_size, float("-inf"))
         grad = torch.exp(x - lse.unsqueeze(1))  # softmax; 0 on pad columns
