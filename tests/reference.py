@@ -1,6 +1,7 @@
 """The single-process reference run: plain PyTorch, no megalite trainer machinery.
 
-Same data order, init, LR schedule and loss as the trainer, but the textbook loop:
+Same data order, init, LR schedule, loss and precision (fp64 or fp32: the model cast to
+train.precision) as the trainer, but the textbook loop:
 one model holding every layer, `loss / m` backward per micro-batch into `.grad`,
 `torch.nn.utils.clip_grad_norm_`, and `torch.optim.AdamW` (no decay on 1-D parameters
 and embeddings, as the trainer's rule). Layout-parity tests compare every layout
@@ -15,6 +16,7 @@ from megalite.config import resolve
 from megalite.data.build import build_data
 from megalite.data.sampler import BatchSampler
 from megalite.optim.schedule import LRSchedule
+from megalite.optim.zero import DTYPES
 from megalite.parallel.build import build_model
 from megalite.topology import build_topology
 
@@ -26,7 +28,7 @@ def reference_run(args: list[str], steps: int):
     data = build_data(cfg)
     resolve(cfg, data.vocab_size, "cpu")
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, build_topology(), "cpu")
+    model = build_model(cfg, build_topology(), "cpu").to(DTYPES[cfg.train.precision])
     o, t = cfg.optim, cfg.train
     decay = [p for n, p in model.named_parameters()
              if p.ndim >= 2 and (o.decay_embeddings or "embed" not in n)]

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from dist_harness import assert_finished
 from megalite import checkpoint as ckpt
 from megalite.cli import parse_args
 from megalite.data.build import prepare_default_data
@@ -100,7 +101,7 @@ def test_sigint_at_random_step_then_resume_is_bit_identical(cache, reference, tm
     assert stopped >= stop_at
     done = subprocess.run(args + ["--resume_from_checkpoint", "latest"], capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    assert_finished(done, tmp_path)
     assert losses(tmp_path) == losses(reference)  # exact float equality, step 0..12
 
 
@@ -112,7 +113,7 @@ def test_launcher_stop_and_resume(cache, reference, tmp_path):
     assert "Traceback" not in out
     done = subprocess.run(args + ["--resume_from_checkpoint=latest"], capture_output=True,
                           text=True, timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert_finished(done, tmp_path)
     assert losses(tmp_path) == losses(reference)
 
 
@@ -190,7 +191,7 @@ def test_launcher_runs_layout_precision_combinations(cache, tmp_path, layout):
     out = subprocess.run(["./launch.sh", "configs/tiny.yaml", *tiny_args(cache, tmp_path, steps=3),
                           "--train.eval_every=0", *layout],
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_finished(out, tmp_path)
     final = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert final[-1]["step"] == 3 and final[-1]["loss"] == final[-1]["loss"]  # finite
     assert ckpt.resolve_checkpoint("latest", tmp_path / "checkpoints").name == "step_0000003"
