@@ -90,6 +90,19 @@ def is_main(topo: Topology) -> bool:
     return topo.rank == 0
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(finished: bool) -> None:
+    """Leave the process group before the interpreter exits, so the process exits with its
+    own code. Left to interpreter shutdown, the groups' C++ threads are destroyed in no
+    particular order, and a rank sometimes aborted ("terminate called without an active
+    exception", exit -6) after a run that had finished and saved. A finished run first
+    meets its peers in a barrier: every collective and send of every rank is complete,
+    so no peer is still talking to a group being destroyed. After a failure the peers
+    may be gone or stuck, so there is no barrier, only the local destruction."""
+    if not dist.is_initialized():
+        return
+    if finished:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+    dist.destroy_process_group()

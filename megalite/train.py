@@ -10,9 +10,16 @@ from megalite.cli import parse_args, run_main
 
 def train_main(argv: list[str]) -> int:
     cfg, flags = parse_args(argv, known_flags=("resume_from_checkpoint",))
+    from megalite import distributed
     from megalite.trainer import Trainer  # after parsing, so a bad flag fails fast
 
-    return Trainer(cfg, resume=flags.get("resume_from_checkpoint")).train()
+    finished = False
+    try:
+        code = Trainer(cfg, resume=flags.get("resume_from_checkpoint")).train()
+        finished = True
+        return code
+    finally:
+        distributed.teardown(finished)
 
 
 def main() -> int:
