@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from megalite.errors import ConfigError
-from megalite.parallel.stage import layer_counts
+from megalite.parallel.pipeline.stage import layer_counts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"

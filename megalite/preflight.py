@@ -16,7 +16,7 @@ from megalite.cli import parse_args, run_main
 
 def preflight_main(argv: list[str]) -> int:
     cfg, flags = parse_args(argv, known_flags=("resume_from_checkpoint",))
-    from megalite import checkpoint as ckpt
+    from megalite.checkpoint import format as ckpt
     from megalite.data.build import build_data, prepare_default_data
 
     # stdout carries only the rank count (launch.sh reads it); progress goes to stderr

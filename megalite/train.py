@@ -10,8 +10,8 @@ from megalite.cli import parse_args, run_main
 
 def train_main(argv: list[str]) -> int:
     cfg, flags = parse_args(argv, known_flags=("resume_from_checkpoint",))
-    from megalite import distributed
-    from megalite.trainer import Trainer  # after parsing, so a bad flag fails fast
+    from megalite.parallel import launch as distributed
+    from megalite.training.trainer import Trainer  # after parsing, so a bad flag fails fast
 
     finished = False
     try:

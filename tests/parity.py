@@ -30,8 +30,8 @@ import torch
 
 from reference import reference_run
 from megalite.cli import parse_args
-from megalite.topology import build_topology, destroy_topology
-from megalite.trainer import Trainer
+from megalite.parallel.topology import build_topology, destroy_topology
+from megalite.training.trainer import Trainer
 
 STEPS = 10
 FP64_RTOL = FP64_ATOL = 1e-9

@@ -17,8 +17,8 @@ from megalite.data.build import build_data
 from megalite.data.sampler import BatchSampler
 from megalite.optim.schedule import LRSchedule
 from megalite.optim.zero import DTYPES
-from megalite.parallel.build import build_model
-from megalite.topology import build_topology
+from megalite.model.build import build_model
+from megalite.parallel.topology import build_topology
 
 
 def reference_run(args: list[str], steps: int):

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from dist_harness import assert_finished, run_on_ranks, torchrun
-from megalite import checkpoint as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.cli import parse_args
-from megalite.reshard import reshard
-from megalite.topology import build_topology, destroy_topology
-from megalite.trainer import Trainer
+from megalite.checkpoint.reshard import reshard
+from megalite.parallel.topology import build_topology, destroy_topology
+from megalite.training.trainer import Trainer
 from reference import reference_run
 from parity import FP64_RTOL, config_args
 
@@ -125,7 +125,7 @@ def test_reshard_rejects_a_layout_the_model_cannot_take(tmp_path, first_checkpoi
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-from megalite import checkpoint
+from megalite.checkpoint import format as checkpoint
 write_part = checkpoint.write_part
 def killed_mid_save(tmp, rank, files):
     write_part(tmp, rank, files)

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megalite.parallel import comm
-from megalite.topology import build_topology
+from megalite.parallel.topology import build_topology
 
 
 def _free_port() -> int:

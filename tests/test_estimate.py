@@ -32,16 +32,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before any Triton kernel module is imported
 
-import megalite.model as model_module  # noqa: E402
+import megalite.model.transformer as model_module  # noqa: E402
 from dist_harness import run_on_ranks  # noqa: E402
 from megalite.config import load_config, resolve  # noqa: E402
-from megalite.estimate import (activation_bytes, chunk_bytes, estimate, flops,  # noqa: E402
+from megalite.planning.estimate import (activation_bytes, chunk_bytes, estimate, flops,  # noqa: E402
                                layer_items, prepare, state_bytes)
 from megalite.optim.zero import ZeroOptimizer  # noqa: E402
-from megalite.parallel.build import build_model, shard_batch  # noqa: E402
-from megalite.parallel.pipeline import PipelineEngine  # noqa: E402
-from megalite.planner import Cluster, command_line, plan  # noqa: E402
-from megalite.topology import build_topology, destroy_topology  # noqa: E402
+from megalite.model.build import build_model, shard_batch  # noqa: E402
+from megalite.parallel.pipeline.engine import PipelineEngine  # noqa: E402
+from megalite.planning.planner import Cluster, command_line, plan  # noqa: E402
+from megalite.parallel.topology import build_topology, destroy_topology  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 128

@@ -3,7 +3,7 @@
 import json
 import math
 
-from megalite.guard import StepGuard
+from megalite.training.guard import StepGuard
 
 
 def feed(guard, losses, grad_norm=1.0):

@@ -17,18 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from megalite import checkpoint as ckpt
-from megalite import hf_import
+from megalite.checkpoint import format as ckpt
+from megalite.hf import importer as hf_import
 from megalite.cli import parse_args
 from megalite.config import Config, ModelConfig, resolve
 from megalite.data.corpus import stdlib_files, stdlib_root
 from megalite.data.prepare import prepare
 from megalite.data.tokenizer import Tokenizer, train_tokenizer
 from megalite.errors import CheckpointError
-from megalite.hf_export import export_hf
-from megalite.hf_import import import_hf
-from megalite.init import init_parameters
-from megalite.model import Transformer
+from megalite.hf.export import export_hf
+from megalite.hf.importer import import_hf
+from megalite.model.init import init_parameters
+from megalite.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parent.parent
@@ -236,7 +236,7 @@ def test_imported_checkpoint_prepares_data_and_resumes_training(imported, tmp_pa
     tokenizer = out / "tokenizer" / "tokenizer.json"
     summary = prepare(stdlib_files(60_000), tokenizer, tmp_path / "d", workers=1)
     assert summary["vocab_size"] == 500 and summary["eos_id"] == Tokenizer(tokenizer).eos_id
-    from megalite.trainer import Trainer
+    from megalite.training.trainer import Trainer
 
     cfg, _ = parse_args([str(out / "config.yaml"), f"--data.paths=[{tmp_path / 'd'}]",
                          "--train.seq_len=32", "--train.micro_batch_size=2",

@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' import
 
 from megalite.config import ModelConfig  # noqa: E402
-from megalite.init import init_parameters  # noqa: E402
-from megalite.model import Transformer  # noqa: E402
+from megalite.model.init import init_parameters  # noqa: E402
+from megalite.model.transformer import Transformer  # noqa: E402
 
 
 def losses(preset: str, kernels: str, steps: int = 3) -> list[float]:

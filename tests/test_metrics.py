@@ -10,7 +10,7 @@ import pytest
 
 from megalite.config import ModelConfig
 from megalite.errors import ConfigError
-from megalite.metrics import (COLUMNS, MetricsLogger, console_line, flops_per_token,
+from megalite.training.metrics import (COLUMNS, MetricsLogger, console_line, flops_per_token,
                               memory_stats, mfu, peak_flops)
 
 

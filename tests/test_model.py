@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from megalite.config import Config, ModelConfig, resolve
-from megalite.hf_names import from_hf, hf_config, hf_name_map, to_hf
-from megalite.init import init_parameters, init_tensor, normal_std
-from megalite.model import Transformer, num_params
-from megalite.sampling import generate
+from megalite.hf.names import from_hf, hf_config, hf_name_map, to_hf
+from megalite.model.init import init_parameters, init_tensor, normal_std
+from megalite.model.transformer import Transformer, num_params
+from megalite.model.sampling import generate
 
 VOCAB = 64
 

@@ -17,9 +17,9 @@ from dist_harness import restart_pool, run_on_ranks
 from parity import (FP32_FACTOR, FP32_FLOOR, STEPS, config_args, fp32_errors, fp64_excess,
                     layout_args, merged, reference, run_layout, trainer_on_layout)
 from megalite.cli import parse_args
-from megalite.parallel.build import to_global
-from megalite.topology import build_topology, destroy_topology
-from megalite.trainer import Trainer
+from megalite.model.build import to_global
+from megalite.parallel.topology import build_topology, destroy_topology
+from megalite.training.trainer import Trainer
 
 
 LAYOUTS = [
@@ -142,7 +142,7 @@ def test_fp32_layout_error_is_that_of_one_process(cache, tmp_path, preset, layou
 def run_with_one_bucket_unaveraged(args):
     """`run_layout` with a planted bug: the first bucket's gradients miss the 1/(dp*sp)
     average (summed over the replicas, not averaged)."""
-    from megalite.parallel import data
+    from megalite.parallel.grads import reduce as data
     finish = data.GradBuffer.finish
 
     def broken(self):

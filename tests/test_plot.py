@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megalite.metrics import MetricsLogger
+from megalite.training.metrics import MetricsLogger
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,8 +19,8 @@ import torch
 from dist_harness import run_on_ranks
 from megalite.cli import parse_args
 from megalite.data.build import prepare_default_data
-from megalite.topology import build_topology, destroy_topology
-from megalite.trainer import Trainer
+from megalite.parallel.topology import build_topology, destroy_topology
+from megalite.training.trainer import Trainer
 
 BF16_LOSS_TOL = 0.01
 

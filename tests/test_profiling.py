@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from megalite import profiling
+from megalite.training import profiling
 from megalite.config import ModelConfig
 from megalite.errors import ConfigError
-from megalite.model import Transformer
-from megalite.profiling import StepProfiler
+from megalite.model.transformer import Transformer
+from megalite.training.profiling import StepProfiler
 
 
 def tiny_step_fn():

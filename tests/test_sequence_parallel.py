@@ -13,7 +13,7 @@ from megalite.errors import ConfigError
 from megalite.parallel import comm
 from megalite.parallel.sequence import (check_sp_layout, ring_attention, sequence_attention,
                                         shard_positions, shard_sequence, unshard_sequence)
-from megalite.topology import Group, build_topology, destroy_topology
+from megalite.parallel.topology import Group, build_topology, destroy_topology
 from tests.dist_harness import run_on_ranks
 
 TOL = 1e-5

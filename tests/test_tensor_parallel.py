@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from dist_harness import run_on_ranks
 from megalite.config import Config, ModelConfig, resolve
 from megalite.errors import ConfigError
-from megalite.init import init_parameters
-from megalite.model import Transformer
+from megalite.model.init import init_parameters
+from megalite.model.transformer import Transformer
 from megalite.parallel import comm
 from megalite.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
                                       TensorParallelLayers, VocabParallelEmbedding,
                                       check_tp_layout, global_tensor, local_range, local_slice,
                                       padded_vocab_size, vocab_parallel_cross_entropy)
-from megalite.topology import Group, build_topology, destroy_topology
+from megalite.parallel.topology import Group, build_topology, destroy_topology
 
 RTOL, ATOL_SCALE, ATOL_MIN = 1e-5, 1e-5, 1e-7
 B, S, H, FFN, VOCAB = 2, 8, 16, 32, 37  # VOCAB is divisible by neither 2 nor 4

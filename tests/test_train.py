@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from dist_harness import assert_finished
-from megalite import checkpoint as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.cli import parse_args
 from megalite.data.build import prepare_default_data
 from megalite.errors import CheckpointError
-from megalite.trainer import Trainer
+from megalite.training.trainer import Trainer
 
 
 def tiny_args(cache, run_dir, steps=12, extra=()):

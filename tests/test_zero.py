@@ -24,8 +24,8 @@ from megalite.errors import ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
-from megalite.parallel.build import build_model, shard_batch
-from megalite.topology import build_topology, destroy_topology
+from megalite.model.build import build_model, shard_batch
+from megalite.parallel.topology import build_topology, destroy_topology
 
 STEPS = 3
 E = 8  # bytes per element of parameters, gradients and each Adam moment in fp64

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from megalite import checkpoint as ckpt  # noqa: E402
+from megalite.checkpoint import format as ckpt  # noqa: E402
 
 ROWS = 4096  # each parameter a [ROWS, cols] fp32 matrix
 

@@ -33,8 +33,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from megalite.config import load_config, resolve  # noqa: E402
 from megalite.optim.zero import ZeroOptimizer  # noqa: E402
-from megalite.parallel.build import build_model  # noqa: E402
-from megalite.topology import build_topology, destroy_topology  # noqa: E402
+from megalite.model.build import build_model  # noqa: E402
+from megalite.parallel.topology import build_topology, destroy_topology  # noqa: E402
 
 VOCAB, SEQ, MICRO = 8192, 128, 2
 MIB = 2 ** 20

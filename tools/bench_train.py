@@ -9,7 +9,7 @@ initial weights on the same batches:
 - megalite: `Trainer(cfg).train_step()` at world size 1 (size-1 groups, no process
   group): sampler, ZeRO-0 flat buffers and gradient hooks, global-norm clipping, the
   flat AdamW, the step guard; no validation, checkpoints or metrics files.
-- plain: the textbook loop on the same `megalite.model.Transformer` (built and
+- plain: the textbook loop on the same `megalite.model.transformer.Transformer` (built and
   initialised the same way): `loss / m` backward per micro-batch into `.grad`,
   `clip_grad_norm_`, `torch.optim.AdamW` with the same LR schedule and decay groups.
 
@@ -50,9 +50,9 @@ from megalite.config import resolve  # noqa: E402
 from megalite.data.build import build_data, prepare_default_data  # noqa: E402
 from megalite.data.sampler import BatchSampler  # noqa: E402
 from megalite.optim.schedule import LRSchedule  # noqa: E402
-from megalite.parallel.build import build_model  # noqa: E402
-from megalite.topology import build_topology  # noqa: E402
-from megalite.trainer import Trainer  # noqa: E402
+from megalite.model.build import build_model  # noqa: E402
+from megalite.parallel.topology import build_topology  # noqa: E402
+from megalite.training.trainer import Trainer  # noqa: E402
 
 SECTION = "## Training throughput, CPU"
 MIN_TIMED = 3  # timed steps per side kept even past --max-seconds

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megalite.cli import run_main  # noqa: E402
 from megalite.config import load_config, parse_overrides  # noqa: E402
 from megalite.errors import ConfigError  # noqa: E402
-from megalite.estimate import MEMORY_KEYS, estimate, prepare  # noqa: E402
-from megalite.planner import Cluster, command_line, layout_of, plan  # noqa: E402
+from megalite.planning.estimate import MEMORY_KEYS, estimate, prepare  # noqa: E402
+from megalite.planning.planner import Cluster, command_line, layout_of, plan  # noqa: E402
 
 SWITCHES = ("json", "plan")
 CLUSTER_FLAGS = {"gpus-per-node": (int, 8), "nodes": (int, 1), "gpu-memory-gb": (float, 80.0),

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megalite.cli import run_main  # noqa: E402
-from megalite.hf_export import DTYPES, export_hf  # noqa: E402
+from megalite.hf.export import DTYPES, export_hf  # noqa: E402
 
 
 def export_main(argv):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megalite import checkpoint as ckpt  # noqa: E402
+from megalite.checkpoint import format as ckpt  # noqa: E402
 from megalite.cli import run_main  # noqa: E402
 from megalite.config import config_from_dict  # noqa: E402
 from megalite.data.tokenizer import Tokenizer  # noqa: E402
-from megalite.model import Transformer  # noqa: E402
-from megalite.sampling import generate  # noqa: E402
+from megalite.model.transformer import Transformer  # noqa: E402
+from megalite.model.sampling import generate  # noqa: E402
 
 
 def generate_main(argv):

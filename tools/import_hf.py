@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megalite.cli import run_main  # noqa: E402
-from megalite.hf_import import import_hf  # noqa: E402
+from megalite.hf.importer import import_hf  # noqa: E402
 
 
 def import_main(argv):

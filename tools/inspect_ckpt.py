@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megalite.cli import run_main  # noqa: E402
-from megalite.inspect_ckpt import inspect_checkpoint  # noqa: E402
+from megalite.checkpoint.inspect import inspect_checkpoint  # noqa: E402
 
 
 def inspect_main(argv):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megalite.checkpoint import find_checkpoint  # noqa: E402
+from megalite.checkpoint.format import find_checkpoint  # noqa: E402
 from megalite.cli import run_main  # noqa: E402
-from megalite.reshard import reshard  # noqa: E402
+from megalite.checkpoint.reshard import reshard  # noqa: E402
 
 
 def reshard_main(argv):

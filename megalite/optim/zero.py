@@ -70,10 +70,10 @@ from megalite.optim.scaler import DynamicLossScaler
 from megalite.parallel import comm
 from megalite.optim.zero3 import LayerGather
 from megalite.optim.zero_state import ZeroStateExchange
-from megalite.parallel.buckets import ALIGN, BucketLayout
-from megalite.parallel.data import (GradBuffer, _Pending, all_gather_async, clip_coefficient,
+from megalite.parallel.grads.buckets import ALIGN, BucketLayout
+from megalite.parallel.grads.reduce import (GradBuffer, _Pending, all_gather_async, clip_coefficient,
                                     counts_in_norm)
-from megalite.topology import Topology
+from megalite.parallel.topology import Topology
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}

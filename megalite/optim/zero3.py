@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megalite.parallel.data import _Pending, all_gather_async
+from megalite.parallel.grads.reduce import _Pending, all_gather_async
 
 
 def _in_backward() -> bool:

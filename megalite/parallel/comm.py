@@ -35,7 +35,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megalite.topology import Group
+from megalite.parallel.topology import Group
 
 
 class CollectiveError(RuntimeError):

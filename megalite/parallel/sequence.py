@@ -29,7 +29,7 @@ import torch.distributed as dist
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
 from megalite.parallel import comm
-from megalite.topology import Group
+from megalite.parallel.topology import Group
 
 MODES = ("ring", "all_to_all")
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
 from megalite.parallel import comm
-from megalite.topology import Group
+from megalite.parallel.topology import Group
 
 
 def check_tp_layout(model_cfg, tp: int, seq_len: int | None = None) -> None:
@@ -104,7 +104,7 @@ def _local_size(n: int, tp: int, what: str) -> int:
 
 
 def _placeholder(*shape) -> nn.Parameter:
-    # Real values come from megalite.init.init_parameters (layout-independent).
+    # Real values come from megalite.model.init.init_parameters (layout-independent).
     return nn.Parameter(torch.empty(shape).normal_(0.0, 0.02))
 
 

@@ -16,7 +16,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from megalite import checkpoint as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.data.tokenizer import file_sha256
 from megalite.errors import CheckpointError
 

@@ -13,7 +13,7 @@ docs/checkpoint-format.md has the full description):
 
 Tensors are stored under their global names, unpadded; a file holds any box of a
 tensor, so a reader can assemble any slice for any layout (`CheckpointReader.read`).
-The trainer's choice of who writes what is in megalite/trainer_state.py.
+The trainer's choice of who writes what is in megalite/checkpoint/sharding.py.
 
 Saving: `begin_save` (rank 0) makes `step_NNNNNNN.tmp/`; every writer adds its files
 and a `part-RRRRR.json` describing them (`write_part`, fsynced); `commit` (rank 0)

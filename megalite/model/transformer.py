@@ -7,7 +7,7 @@
 
 Weights follow the Hugging Face LlamaForCausalLM / GPT2LMHeadModel conventions
 (nn.Linear [out, in], separate q/k/v projections), so export is a renaming; the
-exact mapping lives in megalite/hf_names.py.
+exact mapping lives in megalite/hf/names.py.
 
 Parallelism hooks, so later layers change classes, not this code:
 - every projection, the embeddings and the LM head are built by a `layers` factory
@@ -48,7 +48,7 @@ from kernels import get_ops
 from kernels.reference import compute_dtype
 from megalite.config import ModelConfig
 from megalite.parallel.sequence import sequence_attention
-from megalite.parallel.stage import StageSpec
+from megalite.parallel.pipeline.stage import StageSpec
 from megalite.parallel.tensor import mark_replicated
 
 
@@ -259,7 +259,7 @@ class LayerDict(nn.ModuleDict):
 class Transformer(nn.Module):
     """Decoder-only LM. `cfg` must be resolved (config.resolve): every size concrete.
 
-    Parameters keep PyTorch's default init; call `megalite.init.init_parameters` for
+    Parameters keep PyTorch's default init; call `megalite.model.init.init_parameters` for
     the deterministic, layout-independent one.
     """
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.errors import ConfigError
-from megalite.topology import Topology, build_topology
+from megalite.parallel.topology import Topology, build_topology
 
 
 class _Tee:

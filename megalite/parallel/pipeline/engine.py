@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.parallel import comm
-from megalite.topology import Topology
+from megalite.parallel.topology import Topology
 
 
 def gpipe(m: int, pp: int, rank: int, v: int = 1) -> list[tuple]:

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from megalite import checkpoint as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.config import ModelConfig
 from megalite.errors import CheckpointError
-from megalite.model import Transformer
+from megalite.model.transformer import Transformer
 from megalite.parallel import comm
 from megalite.parallel.tensor import (TensorParallelLayers, VocabParallelEmbedding,
                                       VocabParallelHead, padded_vocab_size)
-from megalite.topology import Group
+from megalite.parallel.topology import Group
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
 

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from megalite import checkpoint as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.config import config_from_dict
 from megalite.errors import CheckpointError, ConfigError
-from megalite.model import Transformer
-from megalite.parallel.stage import stage_spec
+from megalite.model.transformer import Transformer
+from megalite.parallel.pipeline.stage import stage_spec
 from megalite.parallel.tensor import check_tp_layout
-from megalite.topology import grid_rank
-from megalite.trainer_state import STATE_KEYS, partitioning, tp_box
+from megalite.parallel.topology import grid_rank
+from megalite.checkpoint.sharding import STATE_KEYS, partitioning, tp_box
 
 LAYOUT_KEYS = ("tp", "pp", "dp", "sp", "zero", "virtual_stages", "stage_layers")
 

@@ -21,21 +21,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite import checkpoint as ckpt
-from megalite import distributed
+from megalite.checkpoint import format as ckpt
+from megalite.parallel import launch as distributed
 from megalite.config import resolve, save_yaml
 from megalite.data.build import build_data
 from megalite.data.sampler import BatchSampler
 from megalite.errors import ConfigError
-from megalite.guard import StepGuard
-from megalite.metrics import MetricsLogger, console_line, flops_per_token, memory_stats, mfu, peak_flops
+from megalite.training.guard import StepGuard
+from megalite.training.metrics import MetricsLogger, console_line, flops_per_token, memory_stats, mfu, peak_flops
 from megalite.optim.schedule import LRSchedule
 from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
-from megalite.parallel.build import build_model, shard_batch
-from megalite.parallel.pipeline import PipelineEngine
-from megalite.profiling import StepProfiler
-from megalite.trainer_state import load_trainer_state, partitioning, save_trainer_state
+from megalite.model.build import build_model, shard_batch
+from megalite.parallel.pipeline.engine import PipelineEngine
+from megalite.training.profiling import StepProfiler
+from megalite.checkpoint.sharding import load_trainer_state, partitioning, save_trainer_state
 
 
 class StopSignal:

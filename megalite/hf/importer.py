@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from megalite import checkpoint as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.config import Config, ModelConfig, resolve, save_yaml, validate
 from megalite.data.tokenizer import Tokenizer
 from megalite.errors import CheckpointError, ConfigError
-from megalite.guard import StepGuard
-from megalite.hf_export import staged_directory
-from megalite.hf_names import from_hf, hf_name_map, model_fields_from_hf
-from megalite.hf_tokenizer import copy_tokenizer
-from megalite.model import Transformer
+from megalite.training.guard import StepGuard
+from megalite.hf.export import staged_directory
+from megalite.hf.names import from_hf, hf_name_map, model_fields_from_hf
+from megalite.hf.tokenizer import copy_tokenizer
+from megalite.model.transformer import Transformer
 from megalite.optim.schedule import LRSchedule
 
 # Buffers, not parameters, that some HF checkpoints store: causal masks, rotary tables.

@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 
 from megalite.errors import ConfigError
-from megalite.init import init_parameters
-from megalite.model import DenseLayers, Transformer
+from megalite.model.init import init_parameters
+from megalite.model.transformer import DenseLayers, Transformer
 from megalite.parallel import sequence, tensor
-from megalite.parallel.stage import stage_spec
-from megalite.topology import Topology
+from megalite.parallel.pipeline.stage import stage_spec
+from megalite.parallel.topology import Topology
 
 
 def build_model(cfg, topo: Topology, device: str) -> Transformer:

@@ -3,15 +3,15 @@
 Parameter shapes per pipeline rank as the model builds them, the parameter count
 (Narayanan et al. 2021), and the ZeroOptimizer's bytes laid out with its own
 BucketLayout (padding included), plus its transient buffers (ZeRO 3 gathers, gradient
-buckets). megalite/estimate.py builds the whole estimate on top.
+buckets). megalite/planning/estimate.py builds the whole estimate on top.
 """
 
 from __future__ import annotations
 
 from megalite.config import Config
-from megalite.parallel.buckets import BucketLayout
-from megalite.parallel.data import MAX_IN_FLIGHT
-from megalite.parallel.stage import layer_counts
+from megalite.parallel.grads.buckets import BucketLayout
+from megalite.parallel.grads.reduce import MAX_IN_FLIGHT
+from megalite.parallel.pipeline.stage import layer_counts
 from megalite.parallel.tensor import padded_vocab_size
 
 BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from megalite import checkpoint as ckpt
+from megalite.checkpoint import format as ckpt
 from megalite.config import config_from_dict
 from megalite.errors import CheckpointError
-from megalite.hf_names import hf_config, hf_name_map, to_hf
-from megalite.hf_tokenizer import write_hf_tokenizer
+from megalite.hf.names import hf_config, hf_name_map, to_hf
+from megalite.hf.tokenizer import write_hf_tokenizer
 from megalite.optim.zero import DTYPES
 
 

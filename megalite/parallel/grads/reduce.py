@@ -47,8 +47,8 @@ import torch.distributed as dist
 
 from kernels.reference import compute_dtype
 from megalite.parallel import comm
-from megalite.parallel.buckets import Bucket, BucketLayout
-from megalite.topology import Group, Topology
+from megalite.parallel.grads.buckets import Bucket, BucketLayout
+from megalite.parallel.topology import Group, Topology
 
 # ZeRO 2/3: bucket reduce-scatters in flight at once. Each holds its full-size bucket
 # gradient until it completes; folding the oldest into the shard before launching more

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from megalite.config import Config
 from megalite.errors import ConfigError
-from megalite.estimate import BYTES, check_layout, flops, stage_memory, state_bytes
+from megalite.planning.estimate import BYTES, check_layout, flops, stage_memory, state_bytes
 
 USABLE_FRACTION = 0.9
 MICRO_BATCH_SIZES = (1, 2, 4, 8)

@@ -3,7 +3,7 @@
 `estimate(cfg)` gives, for a config and its layout, the parameter count, the model and
 hardware FLOPs of one global batch, and the bytes each pipeline stage holds per rank:
 
-- params / grads / optimizer (megalite/estimate_state.py): ZeroOptimizer's flat buffers, bucket
+- params / grads / optimizer (megalite/planning/state.py): ZeroOptimizer's flat buffers, bucket
   padding included by laying the rank's parameters out with the same `BucketLayout`:
   model-dtype parameters, gradients in train.grad_dtype (fp32 shard under ZeRO 2/3),
   8 bytes of Adam moments plus a 4-byte fp32 master when the model is not fp32.
@@ -32,10 +32,10 @@ from functools import lru_cache
 
 from megalite.config import Config, resolve
 from megalite.errors import ConfigError
-from megalite.metrics import flops_per_token
-from megalite.estimate_state import (BYTES, _vocab_rows, param_count, stage_layers,
+from megalite.training.metrics import flops_per_token
+from megalite.planning.state import (BYTES, _vocab_rows, param_count, stage_layers,
                                      state_bytes)
-from megalite.parallel.pipeline import SCHEDULES
+from megalite.parallel.pipeline.engine import SCHEDULES
 from megalite.parallel.sequence import check_sp_layout
 from megalite.parallel.tensor import check_tp_layout
 

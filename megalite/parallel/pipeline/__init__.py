@@ -1,0 +1,2 @@
+"""Pipeline parallelism: the stage split (stage.py) and the schedules with the p2p engine
+that runs them (engine.py)."""
