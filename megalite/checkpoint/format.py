@@ -104,7 +104,7 @@ def begin_save(root: str | os.PathLike, step: int) -> Path:
 def write_part(tmp: Path, rank: int, files: dict[str, list[Piece]]) -> None:
     """Write this process's files ({file name: pieces}) and the part-RRRRR.json that
     describes them. Each piece's `info` gives "kind" (model|optim|rng) and "shape" (the
-    global shape); "split_dim"/"vocab" say how a layout cuts it (trainer_state.py)."""
+    global shape); "split_dim"/"vocab" say how a layout cuts it (sharding.py)."""
     part = {"files": {}, "tensors": {}}
     for fname, pieces in files.items():
         if not pieces:

@@ -1,6 +1,6 @@
 """Offline resharding: rewrite a checkpoint for another layout, on CPU, without a process group.
 
-The trainer already reshards on load (trainer_state.py reads whatever boxes the new
+The trainer already reshards on load (checkpoint/sharding.py reads whatever boxes the new
 layout needs), so this is for moving a checkpoint ahead of time (one file per writer
 of the target layout, each holding exactly its slices) or consolidating it into one
 file for other tools. Each writer of the target layout, the dp = sp = 0 rank of every

@@ -1,7 +1,7 @@
 """Export a megalite checkpoint as a Hugging Face model directory.
 
-    OUT/config.json            LlamaForCausalLM or GPT2LMHeadModel (hf_names.hf_config)
-    OUT/model.safetensors      the weights under HF names (hf_names.to_hf)
+    OUT/config.json            LlamaForCausalLM or GPT2LMHeadModel (hf/names.py hf_config)
+    OUT/model.safetensors      the weights under HF names (hf/names.py to_hf)
     OUT/tokenizer.json         the tokenizer the checkpoint was trained with (hf_tokenizer)
     OUT/tokenizer_config.json
 

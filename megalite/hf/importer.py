@@ -70,7 +70,7 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 
 
 def read_hf_weights(hf_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The HF state dict (fp32) with the names hf_names expects, buffers dropped."""
+    """The HF state dict (fp32) with the names hf/names.py expects, buffers dropped."""
     wanted = {hf for hf, _ in hf_name_map(model_cfg).values()}
     state = {}
     for file in _weight_files(hf_dir):
@@ -125,7 +125,7 @@ def _zero_moments(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch
 
 def _fresh_trainer_state(cfg: Config, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """(files, meta) of a trainer that has made no update yet: what `--resume_from_checkpoint`
-    reads (trainer.py `load`, trainer_state.py), built from the trainer's own classes."""
+    reads (trainer.py `load`, checkpoint/sharding.py), built from the trainer's own classes."""
     rng = {"rng/torch_cpu/0": torch.Generator().manual_seed(cfg.train.seed).get_state()}
     layout = {"tp": 1, "pp": 1, "dp": 1, "sp": 1, "zero": 0, "virtual_stages": 1,
               "stage_layers": "", "vocab_pad_multiple": 1}

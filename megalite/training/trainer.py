@@ -298,7 +298,7 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------
     def save(self) -> Path:
-        """Every rank writes its own shards (trainer_state.py); rank 0 commits the index."""
+        """Every rank writes its own shards (checkpoint/sharding.py); rank 0 commits the index."""
         meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
                 "sampler": self.sampler.state_dict(), "loss": self.last_loss,
                 "tokenizer": str(self.data.tokenizer.path),
