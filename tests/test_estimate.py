@@ -38,7 +38,8 @@ from megalite.config import load_config, resolve  # noqa: E402
 from megalite.planning.estimate import (activation_bytes, chunk_bytes, estimate, flops,  # noqa: E402
                                layer_items, prepare, state_bytes)
 from megalite.optim.zero import ZeroOptimizer  # noqa: E402
-from megalite.model.build import build_model, shard_batch  # noqa: E402
+from megalite.model.build import build_model  # noqa: E402
+from megalite.parallel.sequence import shard_batch  # noqa: E402
 from megalite.parallel.pipeline.engine import PipelineEngine  # noqa: E402
 from megalite.planning.planner import Cluster, command_line, plan  # noqa: E402
 from megalite.parallel.topology import build_topology, destroy_topology  # noqa: E402

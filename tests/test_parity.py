@@ -17,7 +17,7 @@ from dist_harness import restart_pool, run_on_ranks
 from parity import (FP32_FACTOR, FP32_FLOOR, STEPS, config_args, fp32_errors, fp64_excess,
                     layout_args, merged, reference, run_layout, trainer_on_layout)
 from megalite.cli import parse_args
-from megalite.model.build import to_global
+from megalite.parallel.tensor import to_global
 from megalite.parallel.topology import build_topology, destroy_topology
 from megalite.training.trainer import Trainer
 

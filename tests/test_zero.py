@@ -24,7 +24,8 @@ from megalite.errors import ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
-from megalite.model.build import build_model, shard_batch
+from megalite.model.build import build_model
+from megalite.parallel.sequence import shard_batch
 from megalite.parallel.topology import build_topology, destroy_topology
 
 STEPS = 3

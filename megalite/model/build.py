@@ -1,16 +1,15 @@
-"""Putting a model on the rank grid: layers for this layout, batches for this rank.
+"""Putting a model on the rank grid: the model built out of this layout's layers.
 
 `build_model` picks the layer factory (dense, or tensor-parallel with tp_sp), the
-attention over the `sp` group, this pipeline rank's stage (parallel/stage.py), and initialises every parameter as this rank's slice of
-the same global tensor a single process would draw. `shard_batch` turns a batch of
-token rows into this rank's inputs, targets and global positions. `to_global` /
-`to_local` convert a parameter-shaped tensor between this rank's shard and the
-unpadded global tensor that checkpoints store.
+attention over the `sp` group and this pipeline rank's stage (parallel/pipeline/stage.py),
+and initialises every parameter as this rank's slice of the same global tensor a single
+process would draw. It composes the model with parallel/'s layers, so it lives here:
+model/ may use parallel/, while parallel/ knows no model (tests/test_imports.py).
+Batches for a rank are parallel/sequence.py's `shard_batch`; a parameter's global
+value is parallel/tensor.py's `to_global`.
 """
 
 from __future__ import annotations
-
-import torch
 
 from megalite.errors import ConfigError
 from megalite.model.init import init_parameters
@@ -38,26 +37,3 @@ def build_model(cfg, topo: Topology, device: str) -> Transformer:
                         recompute=cfg.train.recompute)
     init_parameters(model, cfg.train.seed, m.init_std)
     return model.to(device)
-
-
-def shard_batch(tokens: torch.Tensor, topo: Topology, cfg):
-    """[B, S+1] token rows -> this rank's (inputs, targets, position_ids or None)."""
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    if topo.sp == 1:
-        return inputs, targets, None
-    mode, seq_len = cfg.parallel.sp_mode, inputs.shape[1]
-    return (sequence.shard_sequence(inputs, topo.sp, topo.sp_rank, mode),
-            sequence.shard_sequence(targets, topo.sp, topo.sp_rank, mode),
-            sequence.shard_positions(seq_len, topo.sp, topo.sp_rank, mode).to(tokens.device))
-
-
-def to_global(param: torch.nn.Parameter, value: torch.Tensor, topo: Topology) -> torch.Tensor:
-    if topo.tp == 1:
-        return value
-    return tensor.global_tensor(param, value, topo.tp_group)
-
-
-def to_local(param: torch.nn.Parameter, value: torch.Tensor, topo: Topology) -> torch.Tensor:
-    if topo.tp == 1:
-        return value
-    return tensor.local_slice(param, value, topo.tp_rank, topo.tp)

@@ -15,7 +15,7 @@ import contextlib
 import torch
 
 from megalite.errors import CheckpointError
-from megalite.model.build import to_global, to_local
+from megalite.parallel.tensor import to_global, to_local
 
 
 class ZeroStateExchange:

@@ -15,8 +15,9 @@ ranks' tokens is attention. Two ways to do that:
   and a second all-to-all trades back. Uses a contiguous sequence split and needs the
   (per-TP-rank) head counts to be divisible by sp.
 
-The data path shards token ids with `shard_sequence` and the model passes
-`shard_positions` as position_ids, so RoPE / learned positions see global positions.
+The data path shards token ids with `shard_sequence` (`shard_batch` does a whole batch
+of token rows for a rank) and the model passes `shard_positions` as position_ids, so
+RoPE / learned positions see global positions.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
 from megalite.parallel import comm
-from megalite.parallel.topology import Group
+from megalite.parallel.topology import Group, Topology
 
 MODES = ("ring", "all_to_all")
 
@@ -89,6 +90,17 @@ def shard_sequence(x: torch.Tensor, sp_size: int, sp_rank: int, mode: str,
 def shard_positions(seq_len: int, sp_size: int, sp_rank: int, mode: str) -> torch.Tensor:
     """Global positions (LongTensor [seq_len / sp]) of this rank's tokens."""
     return shard_sequence(torch.arange(seq_len), sp_size, sp_rank, mode, dim=0)
+
+
+def shard_batch(tokens: torch.Tensor, topo: Topology, cfg):
+    """[B, S+1] token rows -> this rank's (inputs, targets, position_ids or None)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if topo.sp == 1:
+        return inputs, targets, None
+    mode, seq_len = cfg.parallel.sp_mode, inputs.shape[1]
+    return (shard_sequence(inputs, topo.sp, topo.sp_rank, mode),
+            shard_sequence(targets, topo.sp, topo.sp_rank, mode),
+            shard_positions(seq_len, topo.sp, topo.sp_rank, mode).to(tokens.device))
 
 
 def unshard_sequence(parts: list[torch.Tensor], mode: str, dim: int = 1) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
 from megalite.parallel import comm
-from megalite.parallel.topology import Group
+from megalite.parallel.topology import Group, Topology
 
 
 def check_tp_layout(model_cfg, tp: int, seq_len: int | None = None) -> None:
@@ -332,3 +332,17 @@ class TensorParallelLayers:
 
     def annotate(self, model: nn.Module) -> None:
         mark_replicated(model, self.sequence_parallel)
+
+
+def to_global(param: torch.nn.Parameter, value: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """A parameter-shaped tensor of this rank -> the unpadded global tensor checkpoints store."""
+    if topo.tp == 1:
+        return value
+    return global_tensor(param, value, topo.tp_group)
+
+
+def to_local(param: torch.nn.Parameter, value: torch.Tensor, topo: Topology) -> torch.Tensor:
+    """The inverse of `to_global`: this rank's shard of a global tensor."""
+    if topo.tp == 1:
+        return value
+    return local_slice(param, value, topo.tp_rank, topo.tp)

@@ -32,7 +32,8 @@ from megalite.training.metrics import MetricsLogger, console_line, flops_per_tok
 from megalite.optim.schedule import LRSchedule
 from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
-from megalite.model.build import build_model, shard_batch
+from megalite.model.build import build_model
+from megalite.parallel.sequence import shard_batch
 from megalite.parallel.pipeline.engine import PipelineEngine
 from megalite.training.profiling import StepProfiler
 from megalite.checkpoint.sharding import load_trainer_state, partitioning, save_trainer_state

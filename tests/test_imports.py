@@ -1,0 +1,79 @@
+"""The arrows between the parts of megalite (../shared/DESIGN.md, "Layout"), read from the code.
+
+Every module's imports, those inside functions included, are read with `ast`, and each
+is checked against the rules:
+- model/ may use parallel/'s layers, but imports nothing from training/, checkpoint/
+  or tools/;
+- parallel/ knows no model: it imports nothing from model/ (nor training/, checkpoint/);
+- optim/ imports nothing from training/ or model/;
+- kernels/ are standalone ops: nothing of megalite;
+- nothing in megalite/ imports tools/.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (folder whose modules are checked, module prefixes they must not import)
+RULES = [
+    ("megalite/model", ("megalite.training", "megalite.checkpoint", "tools")),
+    ("megalite/parallel", ("megalite.model", "megalite.training", "megalite.checkpoint")),
+    ("megalite/optim", ("megalite.training", "megalite.model")),
+    ("kernels", ("megalite",)),
+    ("megalite", ("tools",)),
+]
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, package: str | None = None) -> list[tuple[int, str]]:
+    """(line, module) for every import in the file, relative ones made absolute against
+    `package` (default: the file's own); for `from package import name` both `package`
+    and `package.name` (name may be a module)."""
+    if package is None:
+        package = module_name(path)
+        if path.name != "__init__.py":
+            package = package.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def violations(folder: str, forbidden: tuple[str, ...]) -> list[str]:
+    out = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for line, module in imported_modules(path):
+            if any(module == f or module.startswith(f + ".") for f in forbidden):
+                out.append(f"{path.relative_to(ROOT)}:{line} imports {module}")
+    return out
+
+
+@pytest.mark.parametrize("folder, forbidden", RULES, ids=[r[0] for r in RULES])
+def test_parts_import_only_what_the_design_allows(folder, forbidden):
+    found = violations(folder, forbidden)
+    assert not found, "imports the design forbids:\n" + "\n".join(found)
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    module = tmp_path / "mod.py"
+    module.write_text("import os\n\ndef f():\n    from ..training import trainer\n")
+    found = imported_modules(module, package="megalite.model")
+    assert (4, "megalite.training.trainer") in found
