@@ -206,8 +206,8 @@ def measure_layout(overrides: dict):
                 rows_here = inputs.shape[1] // (p.tp if p.tp_sp else 1)
                 x = torch.randn(inputs.shape[0], rows_here, cfg.model.hidden_size,
                                 dtype=next(model.parameters()).dtype, requires_grad=True)
-            total, seen, out = saved_bytes(lambda: model.forward_chunk(
-                chunk, x, targets if vstage == last else None, positions), params)
+            total, seen, out = saved_bytes(lambda: model(
+                x, targets if vstage == last else None, positions, chunk=chunk), params)
             # the engine also holds the chunk's input and output until its backward
             for held in ([x] if vstage > 0 else []) + ([out] if vstage < last else []):
                 storage = held.untyped_storage()

@@ -192,6 +192,39 @@ def test_1f1b_keeps_at_most_pp_micro_batches_alive(cache, tmp_path):
     assert last["1f1b"][1] == 1  # the last stage runs each backward right after its forward
 
 
+def one_stage_engine_record(args):
+    """pp = 1 through the engine: most micro-batches alive, and for every bucket launch
+    whether it ran inside backward and inside the last micro-batch's backward."""
+    topo, trainer = trainer_on_layout(args)
+    if topo is None:
+        return None
+    grads, launches = trainer.optimizer.grads, []
+    launch = grads._launch
+
+    def spy(bucket):
+        # _callback_queued: inside a backward (its end-of-backward callback is pending)
+        launches.append((grads._callback_queued, grads.last_micro_batch))
+        launch(bucket)
+    grads._launch = spy
+    trainer.train_step()
+    destroy_topology(topo)
+    return trainer.pipeline.peak_live, launches, len(trainer.optimizer.layout.buckets)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_one_stage_runs_each_backward_after_its_forward(cache, tmp_path, schedule):
+    """pp = 1 is the engine's trivial case: 4 micro-batches per rank at dp = 2 keep one
+    alive whatever the schedule, and the ZeRO 1 buckets all start during the last
+    micro-batch's backward, none before."""
+    args = config_args(cache, tmp_path / "run", "llama",
+                       ["--parallel.dp=2", "--parallel.zero=1", "--parallel.bucket_mb=0.01",
+                        f"--parallel.schedule={schedule}", "--train.global_batch_size=16"])
+    for peak, launches, buckets in (r for r in run_on_ranks(one_stage_engine_record, args) if r):
+        assert peak == 1
+        assert buckets > 1 and len(launches) == buckets
+        assert all(in_backward and last for in_backward, last in launches), launches
+
+
 def train_and_save(args, steps):
     """Train `steps` steps, save, train one more; returns (loss of the extra step, params)."""
     topo, trainer = trainer_on_layout(args)

@@ -23,7 +23,8 @@ Parallelism hooks, so later layers change classes, not this code:
   tensor parallelism (the parity tests run with dropout 0).
 - `embed`, `pos_embed`, `layers` (a `LayerDict` keyed by the global layer index),
   `norm` and `lm_head` are separate attributes: a pipeline stage (`stage=StageSpec`)
-  builds only its own, under their global names, and `forward_chunk` runs one chunk.
+  builds only its own, under their global names, and `forward(..., chunk=c)` runs one
+  chunk.
 - `position_ids` lets a sequence-parallel rank run its chunk of a longer sequence.
 - activation recomputation (`recompute`): "full" keeps only each block's input and
   reruns the block in backward; "selective" reruns only the attention core (scores,
@@ -301,25 +302,20 @@ class Transformer(nn.Module):
                 self.embed.weight.pipeline_tied_copy = True
         layers.annotate(self)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, chunk: int = 0):
         """tokens [B, S] -> logits [B, S, V], or with targets [B, S] the mean loss (fp32).
 
         position_ids [S] default to 0..S-1; a sequence-parallel rank passes the global
-        positions of its chunk. Only a model holding every layer runs this; a pipeline
-        stage runs `forward_chunk`.
+        positions of its chunk. On a pipeline stage this runs local chunk `chunk`: token
+        ids in on the first virtual stage, hidden states [B, S, H] in otherwise; the loss
+        (or logits) out of the last, hidden states otherwise.
         """
-        return self.forward_chunk(0, tokens, targets, position_ids)
-
-    def forward_chunk(self, chunk: int, x: torch.Tensor, targets: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None):
-        """Run local chunk `chunk`: token ids in on the first virtual stage, hidden states
-        [B, S, H] in otherwise; the loss (or logits) out of the last, hidden states otherwise."""
         embeds = self.stage.first and chunk == 0
         heads = self.stage.last and chunk == len(self.stage.chunks) - 1
         if position_ids is None:
             if not embeds:
-                raise ValueError("forward_chunk on hidden states needs the position_ids of the "
+                raise ValueError("a forward on hidden states needs the position_ids of the "
                                  "sequence (under tp_sp the hidden states hold a shard of it)")
             seq = x.shape[1]
             if self.pos_embed is not None and seq > self.cfg.max_seq_len:

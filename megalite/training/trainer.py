@@ -76,8 +76,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.topo, self.device)
         tp_sp_divisor = self.topo.tp if cfg.parallel.tp_sp else 1
-        self.pipeline = (PipelineEngine(self.model, self.topo, tp_sp_divisor)
-                         if self.topo.pp > 1 else None)
+        # Every layout runs through the engine: one stage (pp = 1) is its trivial case.
+        self.pipeline = PipelineEngine(self.model, self.topo, tp_sp_divisor)
         # Takes the parameters over: flat buffers, model dtype, fp32 master, grad hooks.
         self.optimizer = ZeroOptimizer(self.model, cfg, self.topo)
         self.schedule = LRSchedule.from_config(cfg)
@@ -195,23 +195,14 @@ class Trainer:
         # Every micro-batch has the same token count, so the mean of per-micro-batch
         # means is the mean over the global batch: each gradient is averaged once.
         weight, opt = 1.0 / len(micro_batches), self.optimizer
-        if self.pipeline is not None:
-            batches = [self._batch(self.data.train, micro) for micro in micro_batches]
-            scale = opt.loss_scale  # fp16: folded into the weight the engine applies
-            loss_sum = self.pipeline.run(self.cfg.parallel.schedule, batches,
-                                         [weight * scale] * len(batches),
-                                         final_backward=lambda: opt.micro_batch(is_last=True))
-            # The loss exists on the last stage only; the sum hands it to every stage.
-            return comm.all_reduce(loss_sum, self.topo.pp_group) / scale
-        # float64: the logged loss is a sum of m terms, exact to fp32 rounding or better
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, micro in enumerate(micro_batches):
-            inputs, targets, positions = self._batch(self.data.train, micro)
-            with opt.micro_batch(is_last=i == len(micro_batches) - 1):
-                loss = self.model(inputs, targets, positions) * weight
-                opt.scale_loss(loss).backward()
-            loss_sum += loss.detach()
-        return loss_sum
+        batches = [self._batch(self.data.train, micro) for micro in micro_batches]
+        scale = opt.loss_scale  # fp16: folded into the weight the engine applies
+        # The data-parallel buckets reduce during the last backward (ZeRO 0/1 overlap).
+        loss_sum = self.pipeline.run(self.cfg.parallel.schedule, batches,
+                                     [weight * scale] * len(batches),
+                                     final_backward=lambda: opt.micro_batch(is_last=True))
+        # The loss exists on the last stage only; the sum hands it to every stage.
+        return comm.all_reduce(loss_sum, self.topo.pp_group) / scale
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -224,14 +215,10 @@ class Trainer:
             raise ConfigError(f"the validation split has {len(self.data.val)} samples, fewer "
                               f"than dp={dp}; lower train.seq_len or raise data.val_fraction.")
         mine = list(range(self.topo.dp_rank, count, dp))
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
         batches = [self._batch(self.data.val, mine[start:start + mbs])
                    for start in range(0, len(mine), mbs)]
-        if self.pipeline is not None:
-            total = self.pipeline.run("forward", batches, [len(b[0]) for b in batches])
-            comm.all_reduce(total, self.topo.pp_group)
-        for inputs, targets, positions in batches if self.pipeline is None else ():
-            total += self.model(inputs, targets, positions) * len(inputs)
+        total = self.pipeline.run("forward", batches, [len(b[0]) for b in batches])
+        comm.all_reduce(total, self.topo.pp_group)
         self.model.train()
         return self._mean_over_replicas(total / len(mine))
 

@@ -149,6 +149,10 @@ class PipelineEngine:
         self.dtype, self.device = param.dtype, param.device
         self.hidden = self.model.cfg.hidden_size
         train = schedule != "forward"
+        if self.pp == 1 and train:
+            # One stage: nothing to overlap, so each micro-batch's backward follows its
+            # forward whatever the schedule, and activations never pile up.
+            schedule = "1f1b"
         plan = (SCHEDULES[schedule] if train else forward_only)(self.m, self.pp, self.rank, self.v)
         last_vstage = self.pp * self.v - 1
         self.pending, saved, self.peak_live = [], {}, 0
@@ -164,8 +168,8 @@ class PipelineEngine:
             if kind == "F":
                 x = inputs if vs == 0 else received.requires_grad_(train)
                 with torch.set_grad_enabled(train):
-                    out = self.model.forward_chunk(chunk, x, targets if vs == last_vstage else None,
-                                                   positions)
+                    out = self.model(x, targets if vs == last_vstage else None, positions,
+                                     chunk=chunk)
                 if vs == last_vstage:
                     out = out * weights[mb]
                     loss_sum += out.detach()
