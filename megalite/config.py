@@ -26,6 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
 
+# A boolean that may also be left "auto": true/false become bools as they are read, and
+# resolve() decides "auto", so code downstream only ever sees a bool.
+AutoBool = "bool | auto"
+
+
 @dataclass
 class ModelConfig:
     preset: str = "llama"  # llama | gpt2
@@ -39,7 +44,7 @@ class ModelConfig:
     dropout: float = 0.0
     attention: str = "auto"  # eager | sdpa | triton | auto
     kernels: str = "auto"  # torch | triton | auto
-    tie_embeddings: str = "auto"  # true | false | auto (gpt2 ties, llama does not)
+    tie_embeddings: AutoBool = "auto"  # true | false | auto (gpt2 ties, llama does not)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -167,7 +172,6 @@ CHOICES = {
     "model.preset": ("llama", "gpt2"),
     "model.attention": ("eager", "sdpa", "triton", "auto"),
     "model.kernels": ("torch", "triton", "auto"),
-    "model.tie_embeddings": ("true", "false", "auto"),
     "parallel.sp_mode": ("ring", "all_to_all"),
     "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
     "train.precision": ("fp32", "bf16", "fp16", "fp64"),
@@ -190,6 +194,14 @@ def _closest(name: str, options) -> str:
 
 def _convert(key: str, value, typ):
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if typ == "AutoBool":
+        if isinstance(value, str) and value.lower() == "auto":
+            return "auto"
+        try:
+            return _convert(key, value, "bool")
+        except ConfigError:
+            raise ConfigError(f"config key '{key}' got {value!r}; give true, false or auto, "
+                              f"e.g. --{key}=auto.") from None
     typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(typ, typ)
     bad = ConfigError(f"config key '{key}' got {value!r}, which is not a valid {typ.__name__}. "
                       f"Give a {typ.__name__} value, e.g. --{key}={_example(typ)}.")
@@ -431,7 +443,7 @@ def resolve(cfg: Config, vocab_size: int, device: str) -> Config:
     if not m.max_seq_len:
         m.max_seq_len = cfg.train.seq_len
     if m.tie_embeddings == "auto":
-        m.tie_embeddings = "true" if m.preset == "gpt2" else "false"
+        m.tie_embeddings = m.preset == "gpt2"
     if m.kernels == "auto":
         m.kernels = "triton" if device == "cuda" else "torch"
     if m.attention == "auto":

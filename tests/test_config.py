@@ -76,7 +76,7 @@ def test_resolved_config_is_concrete_and_round_trips(tmp_path):
     cfg = resolve(load_config(), vocab_size=1000, device="cpu")
     m = cfg.model
     assert m.vocab_size == 1000 and m.num_kv_heads == 2 and m.ffn_hidden_size % 64 == 0
-    assert m.kernels == "torch" and m.attention == "sdpa" and m.tie_embeddings == "false"
+    assert m.kernels == "torch" and m.attention == "sdpa" and m.tie_embeddings is False
     save_yaml(cfg, tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg

@@ -100,9 +100,9 @@ def assert_logits_equal(ours, theirs):
 
 @pytest.mark.parametrize("preset,fields", [
     ("llama", dict(num_kv_heads=2, rope_theta=500000.0)),  # untied, GQA
-    ("llama", dict(tie_embeddings="true")),
+    ("llama", dict(tie_embeddings=True)),
     ("gpt2", dict()),  # tied
-    ("gpt2", dict(tie_embeddings="false", attention="eager")),
+    ("gpt2", dict(tie_embeddings=False, attention="eager")),
 ])
 def test_export_logits_match_transformers(preset, fields, sp_model, tmp_path):
     model = random_model(model_cfg(preset, **fields))

@@ -24,7 +24,7 @@ def losses(preset: str, kernels: str, steps: int = 3) -> list[float]:
                       num_kv_heads=2 if preset == "llama" else 4, ffn_hidden_size=96,
                       vocab_size=61, max_seq_len=24, attention="triton" if kernels == "triton"
                       else "sdpa", kernels=kernels,
-                      tie_embeddings="true" if preset == "gpt2" else "false")
+                      tie_embeddings=preset == "gpt2")
     model = Transformer(cfg)
     init_parameters(model, seed=3, std=0.02)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

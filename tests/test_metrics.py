@@ -18,7 +18,7 @@ def test_flops_match_narayanan_closed_form_for_gpt():
     h, l, s, V = 768, 12, 1024, 50257
     cfg = ModelConfig(preset="gpt2", hidden_size=h, num_layers=l, num_heads=12,
                       num_kv_heads=12, ffn_hidden_size=4 * h, vocab_size=V,
-                      tie_embeddings="true")
+                      tie_embeddings=True)
     B = 8
     closed = 72 * B * s * l * h**2 * (1 + s / (6 * h) + V / (12 * l * h)) / (B * s)
     assert flops_per_token(cfg, s) == pytest.approx(closed, rel=1e-12)

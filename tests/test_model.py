@@ -65,7 +65,7 @@ def test_gqa_and_tied_embeddings():
     assert model(tokens()).shape == (2, 12, VOCAB)
     gpt2 = Transformer(make_cfg("gpt2"))
     assert gpt2.lm_head.weight is gpt2.embed.weight
-    untied = Transformer(make_cfg("gpt2", tie_embeddings="false"))
+    untied = Transformer(make_cfg("gpt2", tie_embeddings=False))
     assert num_params(untied) - num_params(gpt2) == VOCAB * 32
 
 
@@ -108,7 +108,7 @@ def _hf_model(cfg):
 
 @pytest.mark.parametrize("preset,fields", [
     ("llama", dict(num_kv_heads=2, rope_theta=500000.0)),
-    ("gpt2", dict(tie_embeddings="true")),
+    ("gpt2", dict(tie_embeddings=True)),
 ])
 def test_logits_match_hugging_face(preset, fields):
     cfg = make_cfg(preset, init_std=0.2, **fields)  # a large std: a wrong gelu variant shows
@@ -124,7 +124,7 @@ def test_logits_match_hugging_face(preset, fields):
     hf = _hf_model(cfg)
     missing, unexpected = hf.load_state_dict(hf_state, strict=False)
     assert not unexpected
-    assert set(missing) <= ({"lm_head.weight"} if cfg.tie_embeddings == "true" else set())
+    assert set(missing) <= ({"lm_head.weight"} if cfg.tie_embeddings else set())
     x = tokens(seq=16)
     with torch.no_grad():
         expected = hf(x).logits

@@ -16,7 +16,7 @@ from megalite.training.profiling import StepProfiler
 def tiny_step_fn():
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, vocab_size=64,
                       ffn_hidden_size=64, max_seq_len=16, attention="sdpa", kernels="torch",
-                      tie_embeddings="false")
+                      tie_embeddings=False)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, 64, (2, 17))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels.reference import attention
+from megalite.config import load_config
 from megalite.errors import ConfigError
 from megalite.parallel import comm
 from megalite.parallel.sequence import (check_sp_layout, ring_attention, sequence_attention,
@@ -122,8 +123,8 @@ def test_layout_errors_are_config_errors():
         check_sp_layout(32, 8, 2, sp=4, mode="all_to_all")
     with pytest.raises(ConfigError, match="num_heads/tp = 8/2"):
         check_sp_layout(32, 8, 8, sp=8, mode="all_to_all", tp=2)
-    with pytest.raises(ConfigError, match="sp_mode"):
-        check_sp_layout(32, 8, 8, sp=2, mode="ulysses")
+    with pytest.raises(ConfigError, match="sp_mode"):  # the mode itself: the config's rule
+        load_config(None, [("parallel.sp_mode", "ulysses")])
     with pytest.raises(ConfigError, match="multiple of 8"):
         shard_sequence(torch.zeros(1, 12), 4, 0, "ring")
 

@@ -162,7 +162,7 @@ def test_layers_match_single_process(tp):
 
 
 def model_cfg(preset, tp):
-    fields = dict(num_kv_heads=tp) if preset == "llama" else dict(tie_embeddings="true")
+    fields = dict(num_kv_heads=tp) if preset == "llama" else dict(tie_embeddings=True)
     model = dict(preset=preset, hidden_size=64, num_layers=2, num_heads=8, vocab_size=50,
                  max_seq_len=16, attention="sdpa", kernels="torch", **fields)
     return resolve(Config(model=ModelConfig(**model)), vocab_size=50, device="cpu").model
@@ -190,7 +190,7 @@ def model_cases(preset, tp):
         init_parameters(model, seed=3, std=0.1)
         params = dict(model.named_parameters())
         assert params.keys() == ref_params.keys()
-        if cfg.tie_embeddings == "true":
+        if cfg.tie_embeddings:
             assert model.lm_head.weight is model.embed.weight
         for name, p in params.items():
             assert p.global_shape == ref_params[name].shape, name

@@ -61,7 +61,7 @@ def _gpt2_map(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
 def hf_name_map(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
     """megalite parameter name -> (HF name, transpose), in a fixed order."""
     names = _llama_map(cfg) if cfg.preset == "llama" else _gpt2_map(cfg)
-    if cfg.tie_embeddings != "true":
+    if not cfg.tie_embeddings:
         names["lm_head.weight"] = ("lm_head.weight", False)
     return names
 
@@ -96,7 +96,7 @@ def from_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 def hf_config(cfg: ModelConfig) -> dict:
     """The HF config.json fields that describe the same architecture."""
-    tied = cfg.tie_embeddings == "true"
+    tied = cfg.tie_embeddings
     if cfg.preset == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                 "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -147,7 +147,7 @@ def model_fields_from_hf(hf: dict) -> dict:
                         num_kv_heads=hf.get("num_key_value_heads") or heads,
                         ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                         max_seq_len=hf.get("max_position_embeddings", 2048),
-                        tie_embeddings="true" if hf.get("tie_word_embeddings") else "false",
+                        tie_embeddings=bool(hf.get("tie_word_embeddings")),
                         rope_theta=_llama_rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-6))
         if kind == "gpt2":
             if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -160,7 +160,7 @@ def model_fields_from_hf(hf: dict) -> dict:
                         num_heads=hf["n_head"],
                         ffn_hidden_size=hf.get("n_inner") or 4 * hf["n_embd"],
                         vocab_size=hf["vocab_size"], max_seq_len=hf.get("n_positions", 1024),
-                        tie_embeddings="true" if tied else "false",
+                        tie_embeddings=bool(tied),
                         norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     except KeyError as e:
         raise CheckpointError(f"the Hugging Face config.json lacks {e}, which a {kind} config "

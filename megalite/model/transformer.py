@@ -277,7 +277,10 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.stage = stage or StageSpec((tuple(range(cfg.num_layers)),), True, True)
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        tied = cfg.tie_embeddings == "true"
+        if not isinstance(cfg.tie_embeddings, bool):
+            raise ValueError(f"model.tie_embeddings={cfg.tie_embeddings!r} is not resolved; "
+                             f"call config.resolve() first (it becomes a bool)")
+        tied = cfg.tie_embeddings
         first, last = self.stage.first, self.stage.last
         self.embed = (layers.embedding(cfg.vocab_size, cfg.hidden_size)
                       if first or (last and tied) else None)

@@ -65,7 +65,6 @@ import math
 import torch
 
 from kernels.reference import compute_dtype
-from megalite.errors import ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.parallel import comm
 from megalite.optim.zero3 import LayerGather
@@ -92,16 +91,13 @@ def _tied_embedding(model, topo: Topology) -> tuple:
     cfg, embed = getattr(model, "cfg", None), getattr(model, "embed", None)
     if topo.embedding_group.size == 1 or embed is None:
         return ()
-    return (embed.weight,) if getattr(cfg, "tie_embeddings", "") == "true" else ()
+    return (embed.weight,) if getattr(cfg, "tie_embeddings", False) else ()
 
 
 class ZeroOptimizer(ZeroStateExchange):
     def __init__(self, model: torch.nn.Module, cfg, topo: Topology):
         par, train, optim = cfg.parallel, cfg.train, cfg.optim
-        self.stage = par.zero
-        if self.stage == 3 and topo.pp > 1:
-            raise ConfigError("zero 3 with pp > 1 is not supported; use zero 1 or 2 "
-                              "(--parallel.zero=2) with pipeline parallelism.")
+        self.stage = par.zero  # zero 3 with pp > 1: rejected by config.validate
         self.cfg, self.topo, self.model = cfg, topo, model
         self.group = topo.dp_sp_group
         self.n, self.rank = self.group.size, self.group.rank

@@ -32,7 +32,6 @@ from megalite.errors import ConfigError
 from megalite.parallel import comm
 from megalite.parallel.topology import Group, Topology
 
-MODES = ("ring", "all_to_all")
 
 
 # ---------------------------------------------------------------- layout and sharding
@@ -40,9 +39,8 @@ MODES = ("ring", "all_to_all")
 
 def check_sp_layout(seq_len: int, num_heads: int, num_kv_heads: int, sp: int, mode: str,
                     tp: int = 1) -> None:
-    """Raise ConfigError when the sequence / heads cannot be split the way `mode` needs."""
-    if mode not in MODES:
-        raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
+    """Raise ConfigError when the sequence / heads cannot be split the way `mode` needs
+    (`mode` itself, ring | all_to_all, is checked once, with the config)."""
     if sp == 1:
         return
     if mode == "ring":
@@ -65,11 +63,7 @@ def check_sp_layout(seq_len: int, num_heads: int, num_kv_heads: int, sp: int, mo
 
 def _chunk_order(sp_size: int, sp_rank: int, mode: str) -> tuple[int, ...]:
     """Indices of this rank's chunks of the sequence, in local order."""
-    if mode == "ring":
-        return sp_rank, 2 * sp_size - 1 - sp_rank
-    if mode == "all_to_all":
-        return (sp_rank,)
-    raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
+    return (sp_rank, 2 * sp_size - 1 - sp_rank) if mode == "ring" else (sp_rank,)
 
 
 def shard_sequence(x: torch.Tensor, sp_size: int, sp_rank: int, mode: str,
@@ -105,8 +99,6 @@ def shard_batch(tokens: torch.Tensor, topo: Topology, cfg):
 
 def unshard_sequence(parts: list[torch.Tensor], mode: str, dim: int = 1) -> torch.Tensor:
     """Rebuild the full sequence from every SP rank's piece, `parts[r]` from rank r."""
-    if mode not in MODES:
-        raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
     if mode == "all_to_all" or len(parts) == 1:
         return torch.cat(parts, dim=dim)
     halves = [p.chunk(2, dim=dim) for p in parts]
@@ -313,8 +305,6 @@ def sequence_attention(mode: str, sp_group: Group, attention_fn):
     With one SP rank it is `attention_fn` itself. Ring mode computes its blocks in
     plain torch (it needs per-block log-sum-exp), so `attention_fn` is unused there.
     """
-    if mode not in MODES:
-        raise ConfigError(f"parallel.sp_mode={mode!r} is not one of {'|'.join(MODES)}.")
     if sp_group.size == 1:
         return attention_fn
     if mode == "ring":

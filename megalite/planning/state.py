@@ -55,7 +55,7 @@ def rank_params(cfg: Config, pp_rank: int, blocks: bool = True) -> list[tuple[in
     (model.Transformer): embedding, positions, blocks (unless not `blocks`), final norm,
     untied head."""
     m, p = cfg.model, cfg.parallel
-    h, gpt2, tied = m.hidden_size, m.preset == "gpt2", m.tie_embeddings == "true"
+    h, gpt2, tied = m.hidden_size, m.preset == "gpt2", m.tie_embeddings
     first, last = pp_rank == 0, pp_rank == p.pp - 1
     out = []
     if first or (last and tied):
@@ -78,7 +78,7 @@ def param_count(cfg: Config) -> int:
     h, V = m.hidden_size, m.vocab_size
     positions = m.max_seq_len * h if m.preset == "gpt2" else 0
     final_norm = 2 * h if m.preset == "gpt2" else h
-    head = 0 if m.tie_embeddings == "true" else V * h
+    head = 0 if m.tie_embeddings else V * h
     return V * h + positions + m.num_layers * sum(_block_params(m, 1)) + final_norm + head
 
 
@@ -114,7 +114,7 @@ def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
         in_blocks = {id(q) for unit in blocks for q in unit}
         units = [[q for q in order if id(q) not in in_blocks], *reversed(blocks)]
     # A tied embedding split over stages sits alone in a bucket (zero.py `_tied_embedding`).
-    tied = cfg.model.tie_embeddings == "true" and p.pp > 1 and pp_rank in (0, p.pp - 1)
+    tied = cfg.model.tie_embeddings and p.pp > 1 and pp_rank in (0, p.pp - 1)
     grad_bytes = _master_bytes(cfg) if p.zero >= 2 else BYTES[cfg.train.grad_dtype]
     bucket_numel = max(1, int(p.bucket_mb * 2 ** 20 / grad_bytes))
     layout = BucketLayout(order, n, bucket_numel, units,
