@@ -7,7 +7,8 @@ is checked against the rules:
 - parallel/ knows no model: it imports nothing from model/ (nor training/, checkpoint/);
 - optim/ imports nothing from training/ or model/;
 - kernels/ are standalone ops: nothing of megalite;
-- nothing in megalite/ imports tools/.
+- nothing in megalite/ imports tools/;
+- no module imports another module's private (underscore) names.
 """
 
 from __future__ import annotations
@@ -77,3 +78,15 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     module.write_text("import os\n\ndef f():\n    from ..training import trainer\n")
     found = imported_modules(module, package="megalite.model")
     assert (4, "megalite.training.trainer") in found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name with a leading underscore stays in its module: callers use the public API of
+    the module that owns it."""
+    found = []
+    for path in sorted((ROOT / "megalite").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megalite"):
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}."
+                          f"{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not found, "\n".join(found)

@@ -70,7 +70,7 @@ from megalite.parallel import comm
 from megalite.optim.zero3 import LayerGather
 from megalite.optim.zero_state import ZeroStateExchange
 from megalite.parallel.grads.buckets import ALIGN, BucketLayout
-from megalite.parallel.grads.reduce import (GradBuffer, _Pending, all_gather_async, clip_coefficient,
+from megalite.parallel.grads.reduce import (GradBuffer, clip_coefficient,
                                     counts_in_norm)
 from megalite.parallel.topology import Topology
 
@@ -317,8 +317,8 @@ class ZeroOptimizer(ZeroStateExchange):
             else:
                 offset = self.layout.shard_offset(b)
                 chunk = own[offset:offset + end - start].to(flat.device, flat.dtype)
-            work = all_gather_async(flat[b.start:b.start + b.size], chunk, self.group)
-            pending.append(_Pending(b, work, self.group, "all_gather", keep=chunk))
+            work = comm.all_gather_async(flat[b.start:b.start + b.size], chunk, self.group)
+            pending.append(comm.Pending(work, self.group, "all_gather", key=b, keep=chunk))
         for item in pending:
             item.wait()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from megalite.parallel.grads.reduce import _Pending, all_gather_async
+from megalite.parallel import comm
 
 
 def _in_backward() -> bool:
@@ -27,7 +27,7 @@ class LayerGather:
 
     def __init__(self, opt, model):
         self.opt = opt
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, comm.Pending] = {}
         self.present: set[int] = set()
         where = opt.layout.where
         layers = getattr(model, "layers", None)
@@ -47,8 +47,8 @@ class LayerGather:
         full.untyped_storage().resize_(full.numel() * full.element_size())
         start = opt.layout.shard_offset(bucket)
         chunk = opt.param_shard[start:start + bucket.chunk_size(opt.n)]
-        work = all_gather_async(full, chunk, opt.group)
-        self.pending[i] = _Pending(bucket, work, opt.group, "all_gather")
+        work = comm.all_gather_async(full, chunk, opt.group)
+        self.pending[i] = comm.Pending(work, opt.group, "all_gather", key=bucket)
         self.present.add(i)
 
     def prefetch(self, bucket) -> None:

@@ -25,12 +25,15 @@ metric reads one rank's counter as "bytes this rank put through this group".
 collectives, in its wait): the communication not hidden behind compute.
 
 A collective that fails (a peer died, or the group's timeout passed) raises
-`CollectiveError` naming the group, the collective and the rank.
+`CollectiveError` naming the group, the collective and the rank. `run` does this for any
+blocking call (p2p posts and waits too), `start` + `Pending` for asynchronous ones
+(`all_gather_async`; the gradient buckets' all-reduce / reduce-scatter).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -42,24 +45,74 @@ class CollectiveError(RuntimeError):
     pass
 
 
-def _run(group: Group, op: str, nbytes: int, fn) -> None:
+def _failure(group: Group, op: str, e: Exception) -> CollectiveError:
+    me = dist.get_rank() if dist.is_initialized() else 0
+    return CollectiveError(
+        f"{op} on the {group.name} group (ranks {list(group.ranks)}) failed on global rank "
+        f"{me}: {e}. A peer rank probably died or hung; see its log in the run directory. "
+        f"parallel.timeout_s sets how long a collective waits.")
+
+
+def run(group: Group, op: str, nbytes: int, fn):
+    """Call `fn` (a blocking collective, p2p post or wait) counting `nbytes` and the time
+    blocked under `op`; a failure becomes a CollectiveError naming group, op and rank."""
     group.bytes[op] += nbytes
     start = time.perf_counter()
     try:
-        fn()
+        result = fn()
         group.seconds[op] += time.perf_counter() - start
+        return result
     except RuntimeError as e:
-        me = dist.get_rank() if dist.is_initialized() else 0
-        raise CollectiveError(
-            f"{op} on the {group.name} group (ranks {list(group.ranks)}) failed on global rank "
-            f"{me}: {e}. A peer rank probably died or hung; see its log in the run directory. "
-            f"parallel.timeout_s sets how long a collective waits.") from e
+        raise _failure(group, op, e) from e
+
+
+def start(group: Group, op: str, nbytes: int, fn):
+    """Start an asynchronous collective (`fn` returns its Work), counting its bytes; the
+    time blocked is counted when its `Pending` is waited for."""
+    group.bytes[op] += nbytes
+    try:
+        return fn()
+    except RuntimeError as e:
+        raise _failure(group, op, e) from e
+
+
+@dataclass(eq=False)
+class Pending:
+    """An asynchronous collective in flight; `wait()` counts the time blocked in it."""
+    work: object  # torch Work, or None when the collective was a no-op
+    group: Group
+    op: str
+    key: object = None  # what the caller tracks it by (a gradient bucket)
+    out: torch.Tensor | None = None  # reduce-scatter result
+    keep: torch.Tensor | None = None  # input kept alive until the collective is done
+
+    def wait(self) -> None:
+        if self.work is None:
+            return
+        began = time.perf_counter()
+        try:
+            self.work.wait()
+            self.group.seconds[self.op] += time.perf_counter() - began
+        except RuntimeError as e:
+            raise _failure(self.group, self.op, e) from e
+        self.work = None
+
+
+def all_gather_async(out: torch.Tensor, chunk: torch.Tensor, group: Group):
+    """All-gather equal chunks into the contiguous `out` (chunk i from rank i); returns Work
+    or None when the group has one member."""
+    if group.size == 1:
+        out.copy_(chunk)
+        return None
+    parts = list(out.chunk(group.size))
+    return start(group, "all_gather", out.numel() * out.element_size(),
+                 lambda: dist.all_gather(parts, chunk, group=group.pg, async_op=True))
 
 
 def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     """In-place sum over the group (x must be contiguous)."""
     if group.size > 1:
-        _run(group, "all_reduce", x.numel() * x.element_size(),
+        run(group, "all_reduce", x.numel() * x.element_size(),
              lambda: dist.all_reduce(x, group=group.pg))
     return x
 
@@ -69,7 +122,7 @@ def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
         return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(group.size)]
-    _run(group, "all_gather", x.numel() * x.element_size() * group.size,
+    run(group, "all_gather", x.numel() * x.element_size() * group.size,
          lambda: dist.all_gather(parts, x, group=group.pg))
     return torch.cat(parts, dim=dim)
 
@@ -82,7 +135,7 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
                          f"is not divisible by the group size {group.size}")
     parts = [c.contiguous() for c in x.chunk(group.size, dim=dim)]
     out = torch.empty_like(parts[0])
-    _run(group, "reduce_scatter", x.numel() * x.element_size(),
+    run(group, "reduce_scatter", x.numel() * x.element_size(),
          lambda: dist.reduce_scatter(out, parts, group=group.pg))
     return out
 
@@ -102,7 +155,7 @@ def all_to_all_tensor(x: torch.Tensor, group: Group, scatter_dim: int, gather_di
         return x
     inputs = [c.contiguous() for c in x.chunk(group.size, dim=scatter_dim)]
     outputs = [torch.empty_like(inputs[0]) for _ in range(group.size)]
-    _run(group, "all_to_all", x.numel() * x.element_size(),
+    run(group, "all_to_all", x.numel() * x.element_size(),
          lambda: dist.all_to_all(outputs, inputs, group=group.pg))
     return torch.cat(outputs, dim=gather_dim)
 

@@ -121,13 +121,13 @@ class _RingExchange:
                dist.P2POp(dist.irecv, self.recv, prev, group=group.pg, tag=tag)]
         self.send = buf  # keep the send buffer alive until the hop completes
         self.works = []
-        comm._run(group, "p2p", buf.numel() * buf.element_size(),
+        comm.run(group, "p2p", buf.numel() * buf.element_size(),
                   lambda: self.works.extend(dist.batch_isend_irecv(ops)))
 
     def wait(self) -> torch.Tensor:
-        # waiting goes through _run as well so a dead peer raises CollectiveError; the
+        # waiting goes through comm.run as well so a dead peer raises CollectiveError; the
         # bytes were counted when the hop started
-        comm._run(self.group, "p2p", 0, lambda: [w.wait() for w in self.works])
+        comm.run(self.group, "p2p", 0, lambda: [w.wait() for w in self.works])
         return self.recv
 
 

@@ -33,7 +33,7 @@ from functools import lru_cache
 from megalite.config import Config, resolve
 from megalite.errors import ConfigError
 from megalite.training.metrics import flops_per_token
-from megalite.planning.state import (BYTES, _vocab_rows, param_count, stage_layers,
+from megalite.planning.state import (BYTES, vocab_rows, param_count, stage_layers,
                                      state_bytes)
 from megalite.parallel.pipeline.engine import SCHEDULES
 from megalite.parallel.sequence import check_sp_layout
@@ -83,7 +83,7 @@ class _Shape:
         self.rows = self.tokens // p.tp if p.tp_sp else self.tokens  # rows of the residual stream
         self.d = m.hidden_size // m.num_heads
         self.heads, self.kv_heads = m.num_heads // p.tp, m.num_kv_heads // p.tp
-        self.ffn, self.vocab, self.tp = m.ffn_hidden_size // p.tp, _vocab_rows(cfg), p.tp
+        self.ffn, self.vocab, self.tp = m.ffn_hidden_size // p.tp, vocab_rows(cfg), p.tp
         self.e = BYTES[t.precision]
         self.cuda = t.device == "cuda"
         self.mask = 1 if self.cuda else self.e  # CUDA dropout keeps a bool mask, CPU a scaled one

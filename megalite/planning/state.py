@@ -34,7 +34,7 @@ def _block_params(m, tp: int) -> list[int]:
     return norm + attention + norm + mlp
 
 
-def _vocab_rows(cfg: Config) -> int:
+def vocab_rows(cfg: Config) -> int:
     p = cfg.parallel
     if p.tp == 1:  # DenseLayers: no padding
         return cfg.model.vocab_size
@@ -59,7 +59,7 @@ def rank_params(cfg: Config, pp_rank: int, blocks: bool = True) -> list[tuple[in
     first, last = pp_rank == 0, pp_rank == p.pp - 1
     out = []
     if first or (last and tied):
-        out.append((None, _vocab_rows(cfg) * h))
+        out.append((None, vocab_rows(cfg) * h))
     if gpt2 and first:
         out.append((None, m.max_seq_len * h))
     if blocks:
@@ -68,7 +68,7 @@ def rank_params(cfg: Config, pp_rank: int, blocks: bool = True) -> list[tuple[in
     if last:
         out += [(None, h)] * (2 if gpt2 else 1)
         if not tied:
-            out.append((None, _vocab_rows(cfg) * h))
+            out.append((None, vocab_rows(cfg) * h))
     return out
 
 

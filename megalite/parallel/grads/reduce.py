@@ -39,9 +39,6 @@ dp x sp, each rank counting its own chunks).
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
@@ -54,56 +51,6 @@ from megalite.parallel.topology import Group, Topology
 # gradient until it completes; folding the oldest into the shard before launching more
 # keeps the transient at a few buckets instead of a whole unsharded gradient.
 MAX_IN_FLIGHT = 2
-
-# ---- asynchronous collectives with byte counting and named errors -----------------------
-@dataclass(eq=False)
-class _Pending:
-    bucket: Bucket
-    work: object  # torch Work, or None when the collective was a no-op
-    group: Group
-    op: str
-    out: torch.Tensor | None = None  # reduce-scatter result
-    keep: torch.Tensor | None = None  # input kept alive until the collective is done
-
-    def wait(self) -> None:
-        if self.work is None:
-            return
-        start = time.perf_counter()
-        try:
-            self.work.wait()
-            self.group.seconds[self.op] += time.perf_counter() - start
-        except RuntimeError as e:
-            raise _collective_error(self.group, self.op, e) from e
-        self.work = None
-
-
-def _collective_error(group: Group, op: str, e: Exception) -> comm.CollectiveError:
-    me = dist.get_rank() if dist.is_initialized() else 0
-    return comm.CollectiveError(
-        f"{op} on the {group.name} group (ranks {list(group.ranks)}) failed on global rank "
-        f"{me}: {e}. A peer rank probably died or hung; see its log in the run directory. "
-        f"parallel.timeout_s sets how long a collective waits.")
-
-
-def launch(group: Group, op: str, nbytes: int, fn):
-    """Start an async collective (`fn` returns its Work), counting bytes like comm.py."""
-    group.bytes[op] += nbytes
-    try:
-        return fn()
-    except RuntimeError as e:
-        raise _collective_error(group, op, e) from e
-
-
-def all_gather_async(out: torch.Tensor, chunk: torch.Tensor, group: Group):
-    """All-gather equal chunks into the contiguous `out` (chunk i from rank i); returns Work
-    or None when the group has one member."""
-    if group.size == 1:
-        out.copy_(chunk)
-        return None
-    parts = list(out.chunk(group.size))
-    return launch(group, "all_gather", out.numel() * out.element_size(),
-                  lambda: dist.all_gather(parts, chunk, group=group.pg, async_op=True))
-
 
 # ---- the buffer ------------------------------------------------------------------------
 class GradBuffer:
@@ -122,7 +69,7 @@ class GradBuffer:
         self.partial: list = [None] * len(layout.buckets)  # ZeRO 2/3: buckets being filled
         self.ready = [0] * len(layout.buckets)
         self.launched = [False] * len(layout.buckets)
-        self.pending: list[_Pending] = []
+        self.pending: list[comm.Pending] = []
         self.last_micro_batch = False
         self._callback_queued = False
         self.tied_buckets = [layout.where[id(p)][0] for p in tied]
@@ -186,39 +133,39 @@ class GradBuffer:
             if self.scatter:
                 out = torch.empty(bucket.chunk_size(n), dtype=self.dtype, device=self.device)
                 parts = list(view.chunk(n))
-                work = launch(group, "reduce_scatter", view.numel() * view.element_size(),
+                work = comm.start(group, "reduce_scatter", view.numel() * view.element_size(),
                               lambda: dist.reduce_scatter(out, parts, group=group.pg,
                                                           async_op=True))
-                self.pending.append(_Pending(bucket, work, group, "reduce_scatter", out=out))
+                self.pending.append(comm.Pending(work, group, "reduce_scatter", key=bucket, out=out))
                 return
-            work = launch(group, "all_reduce", view.numel() * view.element_size(),
+            work = comm.start(group, "all_reduce", view.numel() * view.element_size(),
                           lambda: dist.all_reduce(view, group=group.pg, async_op=True))
-            self.pending.append(_Pending(bucket, work, group, "all_reduce"))
+            self.pending.append(comm.Pending(work, group, "all_reduce", key=bucket))
             return
         buf, self.partial[bucket.index] = self.partial[bucket.index], None
         # Keep at most one reduce-scatter per bucket in flight: the previous micro-batch's
         # result folds into the shard before the next one starts.
-        for pending in [q for q in self.pending if q.bucket is bucket]:
+        for pending in [q for q in self.pending if q.key is bucket]:
             self._complete(pending)
         if n == 1:
-            self.pending.append(_Pending(bucket, None, group, "reduce_scatter", out=buf))
+            self.pending.append(comm.Pending(None, group, "reduce_scatter", key=bucket, out=buf))
         else:
             out = torch.empty(bucket.chunk_size(n), dtype=self.dtype, device=self.device)
             parts = list(buf.chunk(n))
-            work = launch(group, "reduce_scatter", buf.numel() * buf.element_size(),
+            work = comm.start(group, "reduce_scatter", buf.numel() * buf.element_size(),
                           lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
-            self.pending.append(_Pending(bucket, work, group, "reduce_scatter", out=out,
+            self.pending.append(comm.Pending(work, group, "reduce_scatter", key=bucket, out=out,
                                          keep=buf))
         while len(self.pending) > MAX_IN_FLIGHT:
             self._complete(self.pending[0])
 
-    def _complete(self, pending: _Pending) -> None:
+    def _complete(self, pending: comm.Pending) -> None:
         pending.wait()
         if pending.out is not None and self.shard_mode:
-            start = self.layout.shard_offset(pending.bucket)
+            start = self.layout.shard_offset(pending.key)
             self.shard[start:start + pending.out.numel()].add_(pending.out)
         elif pending.out is not None:
-            start, end = self.layout.chunk(pending.bucket, self.group.rank)
+            start, end = self.layout.chunk(pending.key, self.group.rank)
             self.full[start:end].copy_(pending.out)
         self.pending.remove(pending)
 

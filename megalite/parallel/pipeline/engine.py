@@ -127,9 +127,9 @@ class PipelineEngine:
             return None
         works = []
         nbytes = sum(t.numel() * t.element_size() for t, _, _ in sends)
-        comm._run(self.group, "p2p", nbytes, lambda: works.extend(dist.batch_isend_irecv(ops)))
+        comm.run(self.group, "p2p", nbytes, lambda: works.extend(dist.batch_isend_irecv(ops)))
         if recv is not None:
-            comm._run(self.group, "p2p", 0, works.pop().wait)
+            comm.run(self.group, "p2p", 0, works.pop().wait)
         # Keep a send's buffer only until it has left.
         self.pending = [(w, t) for w, t in self.pending if not w.is_completed()]
         self.pending += [(w, t) for w, (t, _, _) in zip(works, sends)]
@@ -187,7 +187,7 @@ class PipelineEngine:
             following = plan[step + 1] if step + 1 < len(plan) else None
             received = self._exchange(sends, following and self._needs_recv(following))
         for work, _ in self.pending:
-            comm._run(self.group, "p2p", 0, work.wait)
+            comm.run(self.group, "p2p", 0, work.wait)
         self.pending = []
         return loss_sum
 
