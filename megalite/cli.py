@@ -1,5 +1,6 @@
 """Command-line plumbing shared by every entry point.
 
+`parse_overrides` splits `--section.key=value` overrides from `--flag value` flags;
 `parse_args` turns `[CONFIG.yaml] [--section.key=value ...] [--flag value ...]` into a
 validated Config plus the remaining flags; `run_main` runs an entry point and turns a
 MegaliteError (a user mistake) into a one-paragraph message and exit code 2 instead of
@@ -10,8 +11,33 @@ from __future__ import annotations
 
 import sys
 
-from megalite.config import Config, load_config, parse_overrides
+from megalite.config import Config, load_config
 from megalite.errors import ConfigError, MegaliteError
+
+
+def parse_overrides(args: list[str]) -> tuple[list[tuple[str, str]], dict]:
+    """Split `--section.key=value` / `--section.key value` overrides from `--flag value` flags.
+
+    Returns (overrides in order, flags). A key given twice: the last one wins, because
+    overrides are applied in order.
+    """
+    overrides, flags, i = [], {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like "
+                              f"--section.key=value, e.g. --train.steps=100.")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"'{arg}' needs a value: write {arg}=VALUE or {arg} VALUE.")
+            value, i = args[i + 1], i + 1
+        if "." in key:
+            overrides.append((key, value))
+        else:
+            flags[key] = value
+        i += 1
+    return overrides, flags
 
 
 def parse_args(argv: list[str], known_flags: tuple[str, ...] = ()) -> tuple[Config, dict]:

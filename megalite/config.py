@@ -277,31 +277,6 @@ def _flatten(data: dict, source: str) -> list[tuple[str, object]]:
     return items
 
 
-def parse_overrides(args: list[str]) -> tuple[list[tuple[str, str]], dict]:
-    """Split `--section.key=value` / `--section.key value` overrides from `--flag value` flags.
-
-    Returns (overrides in order, flags). A key given twice: the last one wins, because
-    overrides are applied in order.
-    """
-    overrides, flags, i = [], {}, 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument '{arg}': overrides look like "
-                              f"--section.key=value, e.g. --train.steps=100.")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"'{arg}' needs a value: write {arg}=VALUE or {arg} VALUE.")
-            value, i = args[i + 1], i + 1
-        if "." in key:
-            overrides.append((key, value))
-        else:
-            flags[key] = value
-        i += 1
-    return overrides, flags
-
-
 def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
     """Load YAML (default: configs/tiny.yaml), apply overrides, validate."""
     path = Path(path) if path else DEFAULT_CONFIG

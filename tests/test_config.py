@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from megalite.cli import parse_args
-from megalite.config import config_from_dict, load_config, parse_overrides, resolve, save_yaml
+from megalite.cli import parse_overrides
+from megalite.config import config_from_dict, load_config, resolve, save_yaml
 from megalite.errors import ConfigError
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megalite.cli import run_main  # noqa: E402
-from megalite.config import load_config, parse_overrides  # noqa: E402
+from megalite.cli import parse_overrides  # noqa: E402
+from megalite.config import load_config  # noqa: E402
 from megalite.errors import ConfigError  # noqa: E402
 from megalite.planning.estimate import MEMORY_KEYS, estimate, prepare  # noqa: E402
 from megalite.planning.planner import Cluster, command_line, layout_of, plan  # noqa: E402

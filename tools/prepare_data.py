@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megalite.config import load_config, parse_overrides  # noqa: E402
+from megalite.cli import parse_overrides  # noqa: E402
+from megalite.config import load_config  # noqa: E402
 from megalite.data.build import prepare_default_data  # noqa: E402
 from megalite.data.prepare import load_summary, prepare  # noqa: E402
 from megalite.data.tokenizer import train_tokenizer  # noqa: E402
