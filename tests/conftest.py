@@ -21,10 +21,5 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
-    from parity import config_args
-    from megalite.cli import parse_args
-    from megalite.data.build import prepare_default_data
-    path = tmp_path_factory.mktemp("parity_data")
-    cfg, _ = parse_args(config_args(path, path / "unused"))
-    prepare_default_data(cfg)
-    return path
+    from parity import prepared_cache
+    return prepared_cache(tmp_path_factory, "parity_data")

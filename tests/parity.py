@@ -30,6 +30,7 @@ import torch
 
 from reference import reference_run
 from megalite.cli import parse_args
+from megalite.data.build import prepare_default_data
 from megalite.parallel.topology import build_topology, destroy_topology
 from megalite.training.trainer import Trainer
 
@@ -50,6 +51,15 @@ def config_args(cache, run_dir, preset="llama", layout=(), precision="fp64"):
             "--optim.warmup_steps=2", "--optim.lr=3e-3", "--optim.clip_grad=0.5",
             "--data.corpus_max_mb=0.3", "--data.vocab_size=509", f"--data.cache_dir={cache}",
             f"--run.dir={run_dir}", "--checkpoint.every=0", *layout]
+
+
+def prepared_cache(tmp_path_factory, name: str, make_args=config_args):
+    """A data cache with the default corpus prepared for `make_args(cache, run_dir)`'s
+    tokenizer settings (each test module's config helper)."""
+    path = tmp_path_factory.mktemp(name)
+    cfg, _ = parse_args(make_args(path, path / "unused"))
+    prepare_default_data(cfg)
+    return path
 
 
 def trainer_on_layout(args):

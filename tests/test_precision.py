@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dist_harness import run_on_ranks
+from parity import prepared_cache
 from megalite.cli import parse_args
-from megalite.data.build import prepare_default_data
 from megalite.parallel.topology import build_topology, destroy_topology
 from megalite.training.trainer import Trainer
 
@@ -36,10 +36,7 @@ def args(cache, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("precision_data")
-    cfg, _ = parse_args(args(path, path / "unused"))
-    prepare_default_data(cfg)
-    return path
+    return prepared_cache(tmp_path_factory, "precision_data", args)
 
 
 def losses(cli_args, steps):

@@ -17,8 +17,8 @@ import torch
 
 from dist_harness import assert_finished
 from megalite.checkpoint import format as ckpt
+from parity import prepared_cache
 from megalite.cli import parse_args
-from megalite.data.build import prepare_default_data
 from megalite.errors import CheckpointError
 from megalite.training.trainer import Trainer
 
@@ -34,10 +34,7 @@ def tiny_args(cache, run_dir, steps=12, extra=()):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data_cache")
-    cfg, _ = parse_args(tiny_args(path, path / "unused"))
-    prepare_default_data(cfg)
-    return path
+    return prepared_cache(tmp_path_factory, "data_cache", tiny_args)
 
 
 def losses(run_dir):
