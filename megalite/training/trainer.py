@@ -2,7 +2,8 @@
 
 `Trainer(cfg)` builds data, model, optimizer, LR schedule and step guard from a
 validated config; `train()` runs optimizer updates (steps count from 1) with gradient
-accumulation over micro-batches, mixed precision, global-norm clipping (all three in
+accumulation over micro-batches (every layout through the pipeline engine, pp = 1 being
+its one-stage case), mixed precision, global-norm clipping (all three in
 the ZeRO optimizer, optim/zero.py, at every stage 0-3), the step guard, validation
 (at step 0 and every `train.eval_every` steps, on a fixed slice of the validation
 split, touching neither the training RNG nor the training sample order), metrics,

@@ -13,7 +13,9 @@ virtual stage a chunk is).
   it needs m % pp == 0 (config.validate rejects the rest).
 - `forward_only`: validation; no activations kept.
 
-`PipelineEngine.run` executes a schedule. Each forward receives its input from the
+`PipelineEngine.run` executes a schedule. It runs every layout, pp = 1 included: one
+stage has no p2p and runs each micro-batch's backward right after its forward (1F1B at
+pp = 1, whatever schedule is configured), so activations never pile up. Each forward receives its input from the
 previous virtual stage (rank - 1 around the pp ring), each backward the output
 gradient from the next. After an action, its send and the receive the *next* action
 needs go out together in one `batch_isend_irecv`, and only the receive is waited for:
