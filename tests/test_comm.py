@@ -7,11 +7,13 @@ unusable afterwards.
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megalite.parallel import comm
+from megalite.parallel.comm import CollectiveError, Group
 from megalite.parallel.topology import build_topology
 
 
@@ -51,3 +53,18 @@ def test_timeout_names_group_collective_and_rank():
     assert "all_reduce on the tp group" in message
     assert "ranks [0, 1]" in message and "global rank 0" in message
     assert "parallel.timeout_s" in message
+
+
+def test_a_tensor_off_the_topology_device_is_refused():
+    """NCCL has no CPU path: every collective and p2p checks its tensors against the
+    group's device and names the operation, the group and both devices."""
+    group = Group("dp", (0, 1), 0, None, torch.device("meta"))
+    cpu = torch.zeros(4)
+    calls = [lambda: comm.all_reduce(cpu, group), lambda: comm.all_gather(cpu, group, 0),
+             lambda: comm.reduce_scatter(cpu, group, 0), lambda: comm.all_reduce_async(cpu, group),
+             lambda: comm.all_gather_async(torch.zeros(8), cpu, group),
+             lambda: comm.p2p(group, [(cpu, 1, 0)], [])]
+    for call in calls:
+        with pytest.raises(CollectiveError, match="dp group got a tensor on cpu.* on meta"):
+            call()
+    assert group.bytes == {}  # refused before anything was counted or sent

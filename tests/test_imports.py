@@ -8,7 +8,8 @@ is checked against the rules:
 - optim/ imports nothing from training/ or model/;
 - kernels/ are standalone ops: nothing of megalite;
 - nothing in megalite/ imports tools/;
-- no module imports another module's private (underscore) names.
+- no module imports another module's private (underscore) names;
+- only parallel/comm.py calls torch.distributed (start-up may init the process group).
 """
 
 from __future__ import annotations
@@ -90,3 +91,32 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}."
                           f"{a.name}" for a in node.names if a.name.startswith("_")]
     assert not found, "\n".join(found)
+
+
+def test_only_comm_calls_torch_distributed():
+    """parallel/comm.py is the one place that calls torch.distributed (so device checks,
+    counters, timeouts and error messages are in one place); process start-up in
+    parallel/launch.py may call init_process_group and nothing else."""
+    allowed = {"megalite/parallel/comm.py": None,
+               "megalite/parallel/launch.py": {"init_process_group"}}
+    found = []
+    for path in sorted((ROOT / "megalite").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        tree = ast.parse(path.read_text(), rel)
+        aliases = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name for a in node.names
+                            if a.name.startswith("torch.distributed")}
+            elif isinstance(node, ast.ImportFrom) and \
+                    (node.module or "").startswith("torch.distributed"):
+                found.append(f"{rel}:{node.lineno} imports from {node.module}")
+        if rel in allowed and allowed[rel] is None:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                chain = ast.unparse(node.value)
+                if chain in aliases or chain == "torch.distributed":
+                    if node.attr not in (allowed.get(rel) or set()):
+                        found.append(f"{rel}:{node.lineno} calls {chain}.{node.attr}")
+    assert not found, "torch.distributed outside parallel/comm.py:\n" + "\n".join(found)

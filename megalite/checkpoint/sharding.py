@@ -91,7 +91,7 @@ def _padded(value: torch.Tensor, info: dict, shape: torch.Size) -> torch.Tensor:
 
 def _all_ranks_ok(topo, ok: bool) -> bool:
     """True when every rank of the topology is ok (a sum over tp x pp, then dp x sp)."""
-    flag = torch.tensor([0.0 if ok else 1.0])
+    flag = torch.tensor([0.0 if ok else 1.0], device=topo.device)
     comm.all_reduce(flag, topo.model_parallel_group)
     comm.all_reduce(flag, topo.dp_sp_group)
     return flag.item() == 0

@@ -33,16 +33,77 @@ blocking call (p2p posts and waits too), `start` + `Pending` for asynchronous on
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from megalite.parallel.topology import Group
-
 
 class CollectiveError(RuntimeError):
     pass
+
+
+@dataclass(eq=False)
+class Group:
+    """A process group as the code sees it: name, members, this rank's index, the torch
+    group (None for one member: its collectives are no-ops), the device its tensors live
+    on, and counters of the bytes moved and the time blocked, per operation."""
+    name: str
+    ranks: tuple  # global ranks, in group order
+    rank: int  # this process's index in `ranks`
+    pg: object = None  # torch ProcessGroup; None when the group has one member
+    device: torch.device = torch.device("cpu")
+    bytes: Counter = field(default_factory=Counter)  # op name -> payload bytes
+    seconds: Counter = field(default_factory=Counter)  # op name -> time blocked in it
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+# ---- process groups ---------------------------------------------------------------------
+def world() -> tuple[bool, int, int]:
+    """(a process group is initialised, this global rank, world size)."""
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank(), dist.get_world_size()
+    return False, 0, 1
+
+
+def new_group(members: list[int], timeout_s: float | None = None):
+    """A torch process group over global ranks `members`; every rank must call it."""
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    return dist.new_group(members, **kwargs)
+
+
+def destroy_group(pg) -> None:
+    dist.destroy_process_group(pg)
+
+
+def leave(finished: bool) -> None:
+    """Tear every process group down; after a finished run, first a barrier with every
+    rank so no peer still talks to a group being destroyed (launch.teardown says why)."""
+    if not world()[0]:
+        return
+    if finished:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
+
+
+def _on_device(group: Group, op: str, *tensors: torch.Tensor) -> None:
+    """NCCL groups have no CPU path: every tensor of a collective must be on the group's
+    device. Checked here on every call, so a stray CPU tensor fails on CPU tests too when
+    the topology is told another device, and never reaches NCCL."""
+    for t in tensors:
+        if t.device != group.device:
+            raise CollectiveError(
+                f"{op} on the {group.name} group got a tensor on {t.device}, but this "
+                f"topology's collectives run on {group.device}; create the tensor on "
+                f"topo.device (NCCL cannot take CPU tensors).")
 
 
 def _failure(group: Group, op: str, e: Exception) -> CollectiveError:
@@ -104,23 +165,56 @@ def all_gather_async(out: torch.Tensor, chunk: torch.Tensor, group: Group):
     if group.size == 1:
         out.copy_(chunk)
         return None
+    _on_device(group, "all_gather", out, chunk)
     parts = list(out.chunk(group.size))
     return start(group, "all_gather", out.numel() * out.element_size(),
                  lambda: dist.all_gather(parts, chunk, group=group.pg, async_op=True))
 
 
-def all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """In-place sum over the group (x must be contiguous)."""
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
+    """In-place sum (or max) over the group (x must be contiguous)."""
     if group.size > 1:
+        _on_device(group, "all_reduce", x)
         run(group, "all_reduce", x.numel() * x.element_size(),
-             lambda: dist.all_reduce(x, group=group.pg))
+            lambda: dist.all_reduce(x, op=REDUCE_OPS[op], group=group.pg))
     return x
+
+
+def all_reduce_async(x: torch.Tensor, group: Group):
+    """Start an in-place sum over the group of more than one member; returns Work."""
+    _on_device(group, "all_reduce", x)
+    return start(group, "all_reduce", x.numel() * x.element_size(),
+                 lambda: dist.all_reduce(x, group=group.pg, async_op=True))
+
+
+def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group: Group):
+    """Start the sum over the group of contiguous `x`, chunk r of it into `out` on rank r;
+    returns Work (the group has more than one member)."""
+    _on_device(group, "reduce_scatter", out, x)
+    parts = list(x.chunk(group.size))
+    return start(group, "reduce_scatter", x.numel() * x.element_size(),
+                 lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
+
+
+def p2p(group: Group, sends: list, recvs: list) -> list:
+    """Post one batch of sends and receives, each (tensor, peer global rank, tag), sends
+    first; returns their Works in that order (wait through `run(group, "p2p", 0, ...)`)."""
+    tensors = [t for t, _, _ in sends + recvs]
+    _on_device(group, "p2p", *tensors)
+    ops = ([dist.P2POp(dist.isend, t, peer, group=group.pg, tag=tag) for t, peer, tag in sends]
+           + [dist.P2POp(dist.irecv, t, peer, group=group.pg, tag=tag) for t, peer, tag in recvs])
+    nbytes = sum(t.numel() * t.element_size() for t, _, _ in sends)
+    return run(group, "p2p", nbytes, lambda: dist.batch_isend_irecv(ops))
 
 
 def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     if group.size == 1:
         return x
     x = x.contiguous()
+    _on_device(group, "all_gather", x)
     parts = [torch.empty_like(x) for _ in range(group.size)]
     run(group, "all_gather", x.numel() * x.element_size() * group.size,
          lambda: dist.all_gather(parts, x, group=group.pg))
@@ -133,6 +227,7 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     if x.shape[dim] % group.size:
         raise ValueError(f"reduce-scatter over {group.name}: dim {dim} of size {x.shape[dim]} "
                          f"is not divisible by the group size {group.size}")
+    _on_device(group, "reduce_scatter", x)
     parts = [c.contiguous() for c in x.chunk(group.size, dim=dim)]
     out = torch.empty_like(parts[0])
     run(group, "reduce_scatter", x.numel() * x.element_size(),
@@ -153,6 +248,7 @@ def all_to_all_tensor(x: torch.Tensor, group: Group, scatter_dim: int, gather_di
     """Chunk i of `scatter_dim` goes to rank i; received chunks are joined on `gather_dim`."""
     if group.size == 1:
         return x
+    _on_device(group, "all_to_all", x)
     inputs = [c.contiguous() for c in x.chunk(group.size, dim=scatter_dim)]
     outputs = [torch.empty_like(inputs[0]) for _ in range(group.size)]
     run(group, "all_to_all", x.numel() * x.element_size(),

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.errors import ConfigError
+from megalite.parallel import comm
 from megalite.parallel.topology import Topology, build_topology
 
 
@@ -68,11 +69,12 @@ def setup(cfg) -> tuple[Topology, str]:
     if "RANK" in os.environ:
         _die_with_parent()
         _log_to_file(cfg, rank)
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not comm.world()[0]:
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        # process start-up is the one torch.distributed call outside comm.py
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
     p = cfg.parallel
-    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=p.timeout_s)
+    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=p.timeout_s, device=device)
     return topo, device
 
 
@@ -98,11 +100,4 @@ def teardown(finished: bool) -> None:
     meets its peers in a barrier: every collective and send of every rank is complete,
     so no peer is still talking to a group being destroyed. After a failure the peers
     may be gone or stuck, so there is no barrier, only the local destruction."""
-    if not dist.is_initialized():
-        return
-    if finished:
-        if dist.get_backend() == "nccl":
-            dist.barrier(device_ids=[torch.cuda.current_device()])
-        else:
-            dist.barrier()
-    dist.destroy_process_group()
+    comm.leave(finished)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
@@ -117,12 +116,8 @@ class _RingExchange:
         self.recv = torch.empty_like(buf)
         nxt = group.ranks[(group.rank + 1) % group.size]
         prev = group.ranks[(group.rank - 1) % group.size]
-        ops = [dist.P2POp(dist.isend, buf, nxt, group=group.pg, tag=tag),
-               dist.P2POp(dist.irecv, self.recv, prev, group=group.pg, tag=tag)]
         self.send = buf  # keep the send buffer alive until the hop completes
-        self.works = []
-        comm.run(group, "p2p", buf.numel() * buf.element_size(),
-                  lambda: self.works.extend(dist.batch_isend_irecv(ops)))
+        self.works = comm.p2p(group, [(buf, nxt, tag)], [(self.recv, prev, tag)])
 
     def wait(self) -> torch.Tensor:
         # waiting goes through comm.run as well so a dead peer raises CollectiveError; the

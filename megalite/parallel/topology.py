@@ -18,27 +18,13 @@ initialised, every group has size 1 and collectives are no-ops.
 from __future__ import annotations
 
 import itertools
-from collections import Counter
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
 
-import torch.distributed as dist
+import torch
 
 from megalite.errors import ConfigError
-
-
-@dataclass(eq=False)
-class Group:
-    name: str
-    ranks: tuple  # global ranks, in group order
-    rank: int  # this process's index in `ranks`
-    pg: object = None  # torch ProcessGroup; None when the group has one member
-    bytes: Counter = field(default_factory=Counter)  # op name -> payload bytes (see comm.py)
-    seconds: Counter = field(default_factory=Counter)  # op name -> time blocked in it
-
-    @property
-    def size(self) -> int:
-        return len(self.ranks)
+from megalite.parallel import comm
+from megalite.parallel.comm import Group
 
 
 @dataclass(eq=False)
@@ -55,6 +41,7 @@ class Topology:
     dp_sp_group: Group
     model_parallel_group: Group  # tp x pp
     embedding_group: Group
+    device: torch.device = torch.device("cpu")  # where every tensor of a collective lives
 
     @property
     def world_size(self) -> int:
@@ -117,17 +104,16 @@ GROUP_SHAPES = {"tp": ("tp",), "sp": ("sp",), "dp": ("dp",), "pp": ("pp",),
 
 
 def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
-                   timeout_s: float | None = None) -> Topology | None:
-    """Create every group for this layout over global ranks 0 .. tp*sp*dp*pp - 1."""
+                   timeout_s: float | None = None, device="cpu") -> Topology | None:
+    """Create every group for this layout over global ranks 0 .. tp*sp*dp*pp - 1; their
+    collectives take tensors on `device` (comm.py checks it)."""
     size = tp * sp * dp * pp
-    initialised = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if initialised else 1
-    me = dist.get_rank() if initialised else 0
+    device = torch.device(device)
+    initialised, me, world = comm.world()
     if size > world:
         raise ConfigError(f"the layout tp*sp*dp*pp = {tp}*{sp}*{dp}*{pp} = {size} needs {size} "
                           f"ranks but the world has {world}; launch {size} processes "
                           f"(NPROC_PER_NODE x NNODES) or shrink the layout.")
-    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     mine = {}
     shapes = dict(GROUP_SHAPES)
     for name in [*shapes, "embedding"]:
@@ -136,15 +122,15 @@ def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
         for members in lists:
             # size-1 groups need no process group (their collectives are no-ops); the
             # condition is the same on every rank, so creation order stays in step
-            pg = dist.new_group(members, **kwargs) if initialised and len(members) > 1 else None
+            pg = comm.new_group(members, timeout_s) if initialised and len(members) > 1 else None
             if me in members:
-                mine[name] = Group(name, tuple(members), members.index(me), pg)
+                mine[name] = Group(name, tuple(members), members.index(me), pg, device)
     if me >= size:
         return None
     # Middle pipeline stages hold no embedding: their embedding group is just themselves.
-    mine.setdefault("embedding", Group("embedding", (me,), 0, None))
+    mine.setdefault("embedding", Group("embedding", (me,), 0, None, device))
     return Topology(tp, sp, dp, pp, me, mine["tp"], mine["sp"], mine["dp"], mine["pp"],
-                    mine["dp_sp"], mine["model_parallel"], mine["embedding"])
+                    mine["dp_sp"], mine["model_parallel"], mine["embedding"], device)
 
 
 def destroy_topology(topo: Topology | None) -> None:
@@ -153,5 +139,5 @@ def destroy_topology(topo: Topology | None) -> None:
         return
     for g in {id(g): g for g in topo.groups}.values():
         if g.pg is not None:
-            dist.destroy_process_group(g.pg)
+            comm.destroy_group(g.pg)
             g.pg = None

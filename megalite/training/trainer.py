@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megalite.checkpoint import format as ckpt
 from megalite.parallel import launch as distributed
@@ -133,10 +132,9 @@ class Trainer:
         that runs out first is the one that matters. Every rank must call it."""
         stats = memory_stats(self.device)
         keys = [k for k, v in stats.items() if v is not None]
-        peak = torch.tensor([float(stats[k]) for k in keys])
+        peak = torch.tensor([float(stats[k]) for k in keys], device=self.topo.device)
         for group in (self.topo.model_parallel_group, self.topo.dp_sp_group):
-            if group.size > 1:
-                dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group.pg)
+            comm.all_reduce(peak, group, op="max")
         return {**stats, **{f"{k}_max": int(v) for k, v in zip(keys, peak.tolist())}}
 
     def _clock(self) -> float:
@@ -280,9 +278,9 @@ class Trainer:
 
     def _agreed_stop(self, stop: StopSignal) -> bool:
         """All ranks stop together: a signal may reach only some of them."""
-        flag = torch.tensor([1.0 if stop.received else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag)
+        flag = torch.tensor([1.0 if stop.received else 0.0], device=self.topo.device)
+        for group in (self.topo.model_parallel_group, self.topo.dp_sp_group):
+            comm.all_reduce(flag, group)
         return flag.item() > 0
 
     # ---- checkpoints ---------------------------------------------------------------

@@ -40,7 +40,6 @@ dp x sp, each rank counting its own chunks).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from kernels.reference import compute_dtype
 from megalite.parallel import comm
@@ -132,14 +131,11 @@ class GradBuffer:
             view = self.full[bucket.start:bucket.start + bucket.size]
             if self.scatter:
                 out = torch.empty(bucket.chunk_size(n), dtype=self.dtype, device=self.device)
-                parts = list(view.chunk(n))
-                work = comm.start(group, "reduce_scatter", view.numel() * view.element_size(),
-                              lambda: dist.reduce_scatter(out, parts, group=group.pg,
-                                                          async_op=True))
-                self.pending.append(comm.Pending(work, group, "reduce_scatter", key=bucket, out=out))
+                work = comm.reduce_scatter_async(out, view, group)
+                self.pending.append(comm.Pending(work, group, "reduce_scatter", key=bucket,
+                                                 out=out))
                 return
-            work = comm.start(group, "all_reduce", view.numel() * view.element_size(),
-                          lambda: dist.all_reduce(view, group=group.pg, async_op=True))
+            work = comm.all_reduce_async(view, group)
             self.pending.append(comm.Pending(work, group, "all_reduce", key=bucket))
             return
         buf, self.partial[bucket.index] = self.partial[bucket.index], None
@@ -151,11 +147,9 @@ class GradBuffer:
             self.pending.append(comm.Pending(None, group, "reduce_scatter", key=bucket, out=buf))
         else:
             out = torch.empty(bucket.chunk_size(n), dtype=self.dtype, device=self.device)
-            parts = list(buf.chunk(n))
-            work = comm.start(group, "reduce_scatter", buf.numel() * buf.element_size(),
-                          lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
-            self.pending.append(comm.Pending(work, group, "reduce_scatter", key=bucket, out=out,
-                                         keep=buf))
+            work = comm.reduce_scatter_async(out, buf, group)
+            self.pending.append(comm.Pending(work, group, "reduce_scatter", key=bucket,
+                                             out=out, keep=buf))
         while len(self.pending) > MAX_IN_FLIGHT:
             self._complete(self.pending[0])
 

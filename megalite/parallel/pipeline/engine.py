@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
 from megalite.parallel import comm
 from megalite.parallel.topology import Topology
@@ -118,18 +117,14 @@ class PipelineEngine:
 
     def _exchange(self, sends: list, recv) -> torch.Tensor | None:
         """Post this action's sends with the next action's receive; wait for the receive."""
-        ops = [dist.P2POp(dist.isend, t, peer, group=self.group.pg, tag=tag)
-               for t, peer, tag in sends]
-        buf = None
+        buf, recvs = None, []
         if recv is not None:
             peer, tag, shape = recv
             buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-            ops.append(dist.P2POp(dist.irecv, buf, peer, group=self.group.pg, tag=tag))
-        if not ops:
+            recvs.append((buf, peer, tag))
+        if not sends and not recvs:
             return None
-        works = []
-        nbytes = sum(t.numel() * t.element_size() for t, _, _ in sends)
-        comm.run(self.group, "p2p", nbytes, lambda: works.extend(dist.batch_isend_irecv(ops)))
+        works = comm.p2p(self.group, sends, recvs)
         if recv is not None:
             comm.run(self.group, "p2p", 0, works.pop().wait)
         # Keep a send's buffer only until it has left.
