@@ -9,7 +9,9 @@ max is the shard's largest logit, sum_exp = sum exp(logit - max) over the shard,
 target_logit is the target's logit when the target falls in this shard, else 0.
 Shards combine them with two all-reduces over the tensor-parallel group (a MAX,
 then a SUM of the rescaled sum_exp stacked with target_logit); see
-`combine_shard_stats`. Each shard then writes its own slice of the gradient with
+`combine_shard_stats`. The caller hands in the all-reduce, `all_reduce(tensor, op)`
+with op "max" or "sum", in place (megalite's `comm.all_reduce` bound to a group), so
+kernels stay standalone ops that call no collective library themselves. Each shard then writes its own slice of the gradient with
 `shard_grad`, which needs only the global lse.
 
 The forward pass writes the gradient (logits dtype) and the backward only scales it
@@ -24,7 +26,6 @@ is over the remaining tokens, as in torch.nn.functional.cross_entropy.
 """
 
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
@@ -104,17 +105,17 @@ def shard_stats(logits_shard, targets, vocab_start=0, chunk_size=DEFAULT_CHUNK_S
     return stats[0], stats[1], stats[2]
 
 
-def combine_shard_stats(shard_max, shard_sum_exp, target_logit, group=None):
+def combine_shard_stats(shard_max, shard_sum_exp, target_logit, all_reduce=None):
     """Global (lse, target logit) per row: the two all-reduces of a vocab-parallel loss.
 
-    With group=None the tensors already cover the whole vocabulary.
+    With all_reduce=None the tensors already cover the whole vocabulary.
     """
-    if group is None:
+    if all_reduce is None:
         return shard_max + torch.log(shard_sum_exp), target_logit
     global_max = shard_max.clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    all_reduce(global_max, "max")
     sums = torch.stack([shard_sum_exp * torch.exp(shard_max - global_max), target_logit])
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    all_reduce(sums, "sum")
     return global_max + torch.log(sums[0]), sums[1]
 
 
@@ -136,14 +137,15 @@ def shard_grad(logits_shard, targets, lse, n_valid, vocab_start=0, z_loss=0.0,
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group, z_loss, ignore_index, chunk_size):
+    def forward(ctx, logits, targets, vocab_start, all_reduce, z_loss, ignore_index,
+                chunk_size):
         if logits.dim() != 2 or targets.shape != logits.shape[:1]:
             raise ValueError(f"cross_entropy needs logits [N, V] and targets [N], got "
                              f"{tuple(logits.shape)} and {tuple(targets.shape)}")
         valid = targets != ignore_index
         n_valid = valid.sum().to(torch.float32)
         shard_max, sum_exp, target_logit = shard_stats(logits, targets, vocab_start, chunk_size)
-        lse, target_logit = combine_shard_stats(shard_max, sum_exp, target_logit, group)
+        lse, target_logit = combine_shard_stats(shard_max, sum_exp, target_logit, all_reduce)
         row_loss = lse - target_logit
         if z_loss:
             row_loss = row_loss + z_loss * lse * lse
@@ -166,14 +168,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad.mul_(grad_loss), None, None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard, targets, vocab_start=0, group=None,
+def vocab_parallel_cross_entropy(logits_shard, targets, vocab_start=0, all_reduce=None,
                                  z_loss=0.0, ignore_index=-100,
                                  chunk_size=DEFAULT_CHUNK_SIZE):
-    """Mean cross-entropy (fp32) of logits split along the vocabulary over `group`.
+    """Mean cross-entropy (fp32) of logits split along the vocabulary over the ranks
+    that `all_reduce(tensor, op)` sums over (see the module docstring).
 
     logits_shard [N, V_shard] holds global vocabulary ids vocab_start ..
     vocab_start + V_shard - 1; targets [N] are global ids. Every rank of the group
     returns the same loss and the gradient of its own shard.
     """
-    return CrossEntropyFunction.apply(logits_shard, targets, int(vocab_start), group,
+    return CrossEntropyFunction.apply(logits_shard, targets, int(vocab_start), all_reduce,
                                       float(z_loss), int(ignore_index), int(chunk_size))

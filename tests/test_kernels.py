@@ -23,6 +23,8 @@ import torch.nn.functional as F  # noqa: E402
 from kernels import get_ops, reference  # noqa: E402
 from kernels.adamw import adamw_step_reference  # noqa: E402
 from kernels.cross_entropy import shard_grad, shard_stats  # noqa: E402
+from megalite.parallel import comm  # noqa: E402
+from megalite.parallel.comm import Group  # noqa: E402
 
 ops = get_ops("triton")
 DEVICE = "cuda" if CUDA else "cpu"
@@ -270,8 +272,10 @@ def _vocab_parallel_worker(rank, world, init_file, logits, targets, bounds, resu
     try:
         lo, hi = bounds[rank], bounds[rank + 1]
         shard = logits[:, lo:hi].to(DEVICE).requires_grad_()
-        loss = ops.vocab_parallel_cross_entropy(shard, targets.to(DEVICE), lo,
-                                                dist.group.WORLD, z_loss=1e-3)
+        group = Group("tp", (0, 1), rank, dist.group.WORLD, shard.device)
+        loss = ops.vocab_parallel_cross_entropy(
+            shard, targets.to(DEVICE), lo, lambda x, op: comm.all_reduce(x, group, op),
+            z_loss=1e-3)
         (grad,) = grads(loss, shard, None)
         results.put((rank, loss.item(), grad.cpu().tolist()))
     finally:
