@@ -11,8 +11,9 @@ Shards combine them with two all-reduces over the tensor-parallel group (a MAX,
 then a SUM of the rescaled sum_exp stacked with target_logit); see
 `combine_shard_stats`. The caller hands in the all-reduce, `all_reduce(tensor, op)`
 with op "max" or "sum", in place (megalite's `comm.all_reduce` bound to a group), so
-kernels stay standalone ops that call no collective library themselves. Each shard then writes its own slice of the gradient with
-`shard_grad`, which needs only the global lse.
+kernels stay standalone ops that call no collective library themselves. Each shard
+then writes its own slice of the gradient with `shard_grad`, which needs only the
+global lse.
 
 The forward pass writes the gradient (logits dtype) and the backward only scales it
 by grad_output, so the logits are read twice and the gradient written once, and

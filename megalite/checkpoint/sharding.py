@@ -35,7 +35,6 @@ from megalite.checkpoint import format as ckpt
 from megalite.config import ModelConfig
 from megalite.errors import CheckpointError
 from megalite.model.transformer import Transformer
-from megalite.parallel import comm
 from megalite.parallel.tensor import (TensorParallelLayers, VocabParallelEmbedding,
                                       VocabParallelHead, padded_vocab_size)
 from megalite.parallel.topology import Group
@@ -90,11 +89,9 @@ def _padded(value: torch.Tensor, info: dict, shape: torch.Size) -> torch.Tensor:
 
 
 def _all_ranks_ok(topo, ok: bool) -> bool:
-    """True when every rank of the topology is ok (a sum over tp x pp, then dp x sp)."""
+    """True when every rank of the topology is ok."""
     flag = torch.tensor([0.0 if ok else 1.0], device=topo.device)
-    comm.all_reduce(flag, topo.model_parallel_group)
-    comm.all_reduce(flag, topo.dp_sp_group)
-    return flag.item() == 0
+    return topo.all_reduce(flag).item() == 0
 
 
 def _rng_states(device: str) -> dict[str, torch.Tensor]:

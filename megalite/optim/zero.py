@@ -6,8 +6,8 @@ registration order, buckets of `parallel.bucket_mb`, each padded to a multiple o
 dp*sp*ALIGN elements so it splits into equal chunks, rank r owning chunk r of every
 bucket), casts the parameters to `train.precision` and keeps the fp32 master copy
 itself (`train.precision: fp64` keeps gradients, master and moments in float64 too:
-the layout-parity tests run so), so build it after the model is initialised and on its device, and never call
-`model.to()` afterwards. Over the dp x sp group of N ranks (`parallel.zero`):
+the layout-parity tests run so), so build it after the model is initialised and on its
+device, and never call `model.to()` afterwards. Over the dp x sp group of N ranks (`parallel.zero`):
 
     stage  parameters (model dtype)  gradients          fp32 master + Adam moments
     0      full, all-reduced         full (grad_dtype)  full
@@ -128,20 +128,20 @@ class ZeroOptimizer(ZeroStateExchange):
         self.space_rank = None if self.stage == 0 else self.rank
         self.space_numel = layout.total if self.stage == 0 else layout.shard_size
 
-        flat32 = torch.zeros(layout.total, dtype=self.master_dtype, device=self.device)
+        flat_master = torch.zeros(layout.total, dtype=self.master_dtype, device=self.device)
         for p in params:
             off = self.where[id(p)]
-            flat32[off:off + p.numel()] = p.detach().reshape(-1)
+            flat_master[off:off + p.numel()] = p.detach().reshape(-1)
         self.separate_master = self.model_dtype != self.master_dtype or self.offload
         self.param_flat = self.param_shard = None
         self.unit_full = {}
         if self.stage < 3:
-            self.param_flat = flat32.to(self.model_dtype, copy=True)
+            self.param_flat = flat_master.to(self.model_dtype, copy=True)
             for p in params:
                 off = self.where[id(p)]
                 p.data = self.param_flat[off:off + p.numel()].view(p.shape)
         else:
-            self.param_shard = self._extract(flat32).to(self.model_dtype, copy=True)
+            self.param_shard = self._extract(flat_master).to(self.model_dtype, copy=True)
             for bucket in layout.buckets:
                 full = torch.empty(bucket.size, dtype=self.model_dtype, device=self.device)
                 for p, off in bucket.params:
@@ -158,10 +158,10 @@ class ZeroOptimizer(ZeroStateExchange):
         self.master = None
         if self.separate_master:
             self.master = state_buffer()
-            self.master.copy_(self._extract(flat32))
+            self.master.copy_(self._extract(flat_master))
         elif self.stage in (0, 3):
             self.master = self.param_flat if self.stage == 0 else self.param_shard
-        del flat32
+        del flat_master
         self.exp_avg, self.exp_avg_sq = state_buffer(), state_buffer()
         self.runs = self._runs()
         self.norm_pieces = [(flat, space, length)
@@ -253,9 +253,7 @@ class ZeroOptimizer(ZeroStateExchange):
             # sum dots of 256K-element pieces (rel ~1e-8).
             for piece in g.split(1 << 18):
                 sum_sq += torch.dot(piece, piece)
-        comm.all_reduce(sum_sq, self.group)
-        comm.all_reduce(sum_sq, self.topo.model_parallel_group)
-        total = sum_sq.item()
+        total = self.topo.all_reduce(sum_sq).item()
         found_inf = not math.isfinite(total)
         if self.scaler is not None:
             self.scaler.update(found_inf)

@@ -107,7 +107,7 @@ def _on_device(group: Group, op: str, *tensors: torch.Tensor) -> None:
 
 
 def _failure(group: Group, op: str, e: Exception) -> CollectiveError:
-    me = dist.get_rank() if dist.is_initialized() else 0
+    me = world()[1]
     return CollectiveError(
         f"{op} on the {group.name} group (ranks {list(group.ranks)}) failed on global rank "
         f"{me}: {e}. A peer rank probably died or hung; see its log in the run directory. "

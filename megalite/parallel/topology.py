@@ -68,6 +68,12 @@ class Topology:
         return [self.tp_group, self.sp_group, self.dp_group, self.pp_group, self.dp_sp_group,
                 self.model_parallel_group, self.embedding_group]
 
+    def all_reduce(self, x, op: str = "sum"):
+        """In-place sum (or max) of `x` over every rank of the grid: dp x sp, then tp x pp
+        (the two groups span the grid, each rank once)."""
+        comm.all_reduce(x, self.dp_sp_group, op)
+        return comm.all_reduce(x, self.model_parallel_group, op)
+
     def reset_bytes(self) -> None:
         for g in self.groups:
             g.bytes.clear()

@@ -28,7 +28,8 @@ from megalite.data.build import build_data
 from megalite.data.sampler import BatchSampler
 from megalite.errors import ConfigError
 from megalite.training.guard import StepGuard
-from megalite.training.metrics import MetricsLogger, console_line, flops_per_token, memory_stats, mfu, peak_flops
+from megalite.training.metrics import (MetricsLogger, console_line, flops_per_token,
+                                       memory_stats, mfu, peak_flops)
 from megalite.optim.schedule import LRSchedule
 from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
@@ -132,9 +133,8 @@ class Trainer:
         that runs out first is the one that matters. Every rank must call it."""
         stats = memory_stats(self.device)
         keys = [k for k, v in stats.items() if v is not None]
-        peak = torch.tensor([float(stats[k]) for k in keys], device=self.topo.device)
-        for group in (self.topo.model_parallel_group, self.topo.dp_sp_group):
-            comm.all_reduce(peak, group, op="max")
+        peak = self.topo.all_reduce(
+            torch.tensor([float(stats[k]) for k in keys], device=self.topo.device), op="max")
         return {**stats, **{f"{k}_max": int(v) for k, v in zip(keys, peak.tolist())}}
 
     def _clock(self) -> float:
@@ -279,9 +279,7 @@ class Trainer:
     def _agreed_stop(self, stop: StopSignal) -> bool:
         """All ranks stop together: a signal may reach only some of them."""
         flag = torch.tensor([1.0 if stop.received else 0.0], device=self.topo.device)
-        for group in (self.topo.model_parallel_group, self.topo.dp_sp_group):
-            comm.all_reduce(flag, group)
-        return flag.item() > 0
+        return self.topo.all_reduce(flag).item() > 0
 
     # ---- checkpoints ---------------------------------------------------------------
     def save(self) -> Path:

@@ -15,9 +15,9 @@ virtual stage a chunk is).
 
 `PipelineEngine.run` executes a schedule. It runs every layout, pp = 1 included: one
 stage has no p2p and runs each micro-batch's backward right after its forward (1F1B at
-pp = 1, whatever schedule is configured), so activations never pile up. Each forward receives its input from the
-previous virtual stage (rank - 1 around the pp ring), each backward the output
-gradient from the next. After an action, its send and the receive the *next* action
+pp = 1, whatever schedule is configured), so activations never pile up. Each forward
+receives its input from the previous virtual stage (rank - 1 around the pp ring), each
+backward the output gradient from the next. After an action, its send and the receive the *next* action
 needs go out together in one `batch_isend_irecv`, and only the receive is waited for:
 sends never block, so a rank waits only on data that an earlier action of its peer
 produces, and the schedules' dependency order has no cycle, hence no deadlock. Every
