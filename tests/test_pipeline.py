@@ -10,7 +10,7 @@ test_parity.py for its parity and live-activation tests).
 
 import pytest
 
-from megalite.parallel.pipeline.engine import SCHEDULES, forward_only, interleaved
+from megalite.parallel.pipeline.schedules import SCHEDULES, forward_only, interleaved
 
 
 def simulate(schedule, m, pp, v=1, forward_cost=1.0, backward_cost=2.0):

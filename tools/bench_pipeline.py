@@ -4,7 +4,7 @@
         [--send-after-compute] [--record]
 
 For pp in {2, 4} and m in {4, 8, 16} micro-batches, pp real gloo processes play the
-project's own schedules (megalite.parallel.pipeline.engine: gpipe, 1f1b, interleaved with
+project's own schedules (megalite.parallel.pipeline.schedules: gpipe, 1f1b, interleaved with
 v=2) with a fixed synthetic cost per micro-batch and stage: a sleep, so the numbers do
 not depend on how busy the CPU is. With v chunks per rank each chunk costs 1/v of the
 stage's forward or backward, so every schedule does the same work per rank and the
@@ -67,7 +67,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from megalite.parallel.pipeline import engine as pipeline  # noqa: E402
+from megalite.parallel.pipeline import schedules as pipeline  # noqa: E402
 
 
 SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved": 2}  # schedule -> virtual stages

@@ -111,13 +111,13 @@ def unshard_sequence(parts: list[torch.Tensor], mode: str, dim: int = 1) -> torc
 class _RingExchange:
     """One asynchronous hop: send `buf` to the next rank, receive the previous rank's."""
 
-    def __init__(self, buf: torch.Tensor, group: Group, tag: int):
+    def __init__(self, buf: torch.Tensor, group: Group):
         self.group = group
         self.recv = torch.empty_like(buf)
         nxt = group.ranks[(group.rank + 1) % group.size]
         prev = group.ranks[(group.rank - 1) % group.size]
         self.send = buf  # keep the send buffer alive until the hop completes
-        self.works = comm.p2p(group, [(buf, nxt, tag)], [(self.recv, prev, tag)])
+        self.works = comm.p2p(group, [(buf, nxt)], [(self.recv, prev)])
 
     def wait(self) -> torch.Tensor:
         # waiting goes through comm.run as well so a dead peer raises CollectiveError; the
@@ -126,8 +126,11 @@ class _RingExchange:
         return self.recv
 
 
-# k/v and the dk/dv accumulators may be in flight between the same pair at once
-_KV_TAG, _DKV_TAG = 0, 1
+# No tags (NCCL has none): every rank posts the same sequence of hops. The forward posts
+# one k/v hop per step; the backward posts, per step, the k/v hop and then the dk/dv hop,
+# so the k-th message from a rank to its successor is the same hop on both sides, and
+# each hop is one batch {send to next, receive from previous} that the neighbours post
+# as their own k-th batch: under NCCL's in-order rules every hop completes.
 
 
 # ---------------------------------------------------------------- blockwise attention
@@ -206,7 +209,7 @@ class _RingAttention(torch.autograd.Function):
         q_parts = qg.chunk(2, dim=3)
         kv = torch.stack([k, v])
         for step in range(group.size):
-            hop = _RingExchange(kv, group, _KV_TAG) if step < group.size - 1 else None
+            hop = _RingExchange(kv, group) if step < group.size - 1 else None
             owner = (group.rank - step) % group.size
             for qi, ki, diagonal in _visible_blocks(group.size, group.rank, owner):
                 k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
@@ -237,7 +240,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])
         dkv_hop = None
         for step in range(group.size):
-            kv_hop = _RingExchange(kv, group, _KV_TAG) if step < group.size - 1 else None
+            kv_hop = _RingExchange(kv, group) if step < group.size - 1 else None
             owner = (group.rank - step) % group.size
             # this block's dk/dv; the owner's running sum (fp32: it collects sp partial
             # sums, which half precision would round away) arrives meanwhile
@@ -251,7 +254,7 @@ class _RingAttention(torch.autograd.Function):
                 dkv += dkv_hop.wait()
             if group.size > 1:
                 # after sp hops the running sum is back with the rank that owns k/v
-                dkv_hop = _RingExchange(dkv, group, _DKV_TAG)
+                dkv_hop = _RingExchange(dkv, group)
             if kv_hop is not None:
                 kv = kv_hop.wait()
         if dkv_hop is not None:

@@ -35,7 +35,7 @@ from megalite.errors import ConfigError
 from megalite.training.metrics import flops_per_token
 from megalite.planning.state import (BYTES, vocab_rows, param_count, stage_layers,
                                      state_bytes)
-from megalite.parallel.pipeline.engine import SCHEDULES
+from megalite.parallel.pipeline.schedules import SCHEDULES
 from megalite.parallel.sequence import check_sp_layout
 from megalite.parallel.tensor import check_tp_layout
 
