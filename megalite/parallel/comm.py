@@ -25,14 +25,21 @@ metric reads one rank's counter as "bytes this rank put through this group".
 collectives, in its wait): the communication not hidden behind compute.
 
 A collective that fails (a peer died, or the group's timeout passed) raises
-`CollectiveError` naming the group, the collective and the rank. `run` does this for any
-blocking call (p2p posts and waits too), `start` + `Pending` for asynchronous ones
-(`all_gather_async`; the gradient buckets' all-reduce / reduce-scatter).
+`CollectiveError` naming the group, the collective, the rank and the members that did
+not take part: `run` for any blocking call (p2p posts and waits too), `start` + `Pending`
+for asynchronous ones. Each Group numbers its calls in plain ints (no store traffic on
+the normal path). On failure the rank publishes its numbers on every group it is in to
+the c10d store (a peer stuck in another group's collective fails there and still
+reports for this one), then waits a bounded grace for the other members' numbers: one
+behind did not take part, one silent is dead or hung outside a collective. Store
+trouble leaves the plain message. Under NCCL this needs its errors to reach Python
+(TORCH_NCCL_BLOCKING_WAIT=1); by default its watchdog aborts the process instead.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -57,10 +64,22 @@ class Group:
     device: torch.device = torch.device("cpu")
     bytes: Counter = field(default_factory=Counter)  # op name -> payload bytes
     seconds: Counter = field(default_factory=Counter)  # op name -> time blocked in it
+    calls: int = 0  # collectives entered here: every member enters the same sequence
+    last_op: str = "-"  # the last of them
+    p2p_calls: int = 0  # posts and waits, apart: each pipeline stage has its own sequence
+
+    def __post_init__(self):
+        if self.pg is not None:
+            _LIVE.add(self)
 
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+
+# Every Group with a process group, so a failure can publish the numbers of all of them.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+REPORT_GRACE_S = 10.0  # the longest a failure waits for the other members' numbers
 
 
 # ---- process groups ---------------------------------------------------------------------
@@ -106,11 +125,64 @@ def _on_device(group: Group, op: str, *tensors: torch.Tensor) -> None:
                 f"topo.device (NCCL cannot take CPU tensors).")
 
 
-def _failure(group: Group, op: str, e: Exception) -> CollectiveError:
+def _count(group: Group, op: str) -> int:
+    if op == "p2p":
+        group.p2p_calls += 1
+        return group.p2p_calls
+    group.calls += 1
+    group.last_op = op
+    return group.calls
+
+
+def _key(group: Group, rank: int) -> str:
+    # torch names a process group by a counter that every rank advances in the same order
+    # (all ranks call new_group), so the name is the same on every member and unique per
+    # group instance in this world, even when a topology is re-created with equal members.
+    return f"megalite/calls/{group.name}/{group.pg.group_name}/{rank}"
+
+
+def _peers(group: Group, op: str, call: int, me: int) -> str:
+    """Publish this rank's numbers on every live group, then say how far each other member
+    of `group` got, waiting for their numbers at most one timeout (a member stuck in
+    another collective when this one failed fails within it), capped at REPORT_GRACE_S."""
+    store = dist.distributed_c10d._get_default_store()
+    for g in list(_LIVE):  # skip destroyed groups: a later world may reuse their names
+        if g.pg in dist.distributed_c10d._world.pg_map:
+            store.set(_key(g, me), f"{g.calls} {g.last_op} {g.p2p_calls}")
+    try:
+        timeout = group.pg._get_backend(group.device).options._timeout.total_seconds()
+    except Exception:
+        timeout = REPORT_GRACE_S
+    others = [r for r in group.ranks if r != me]
+    # Poll check() rather than wait(): a wait that runs out logs socket timeouts that
+    # read like the cause of the failure.
+    deadline = time.monotonic() + min(timeout, REPORT_GRACE_S)
+    while not store.check([_key(group, r) for r in others]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    parts = []
+    for r in others:
+        if not store.check([_key(group, r)]):
+            parts.append(f"rank {r} did not report (dead, or hung outside a collective)")
+            continue
+        n, last, p2p_n = store.get(_key(group, r)).decode().split()
+        if op == "p2p":  # p2p numbers are per stage: informative, not comparable
+            parts.append(f"rank {r} reached p2p call #{p2p_n}")
+        else:
+            behind = f" and did not take part in call #{call}" if int(n) < call else ""
+            parts.append(f"rank {r} reached call #{n} ({last}){behind}")
+    return "; ".join(parts)
+
+
+def _failure(group: Group, op: str, call: int, e: Exception) -> CollectiveError:
     me = world()[1]
+    try:
+        peers = f" {_peers(group, op, call, me)}."
+    except Exception:  # no store, or it failed too: the plain message still holds
+        peers = ""
     return CollectiveError(
         f"{op} on the {group.name} group (ranks {list(group.ranks)}) failed on global rank "
-        f"{me}: {e}. A peer rank probably died or hung; see its log in the run directory. "
+        f"{me} at its {'p2p ' if op == 'p2p' else ''}call #{call} on this group: {e}.{peers} "
+        f"A peer rank probably died or hung; see its log in the run directory. "
         f"parallel.timeout_s sets how long a collective waits.")
 
 
@@ -118,23 +190,25 @@ def run(group: Group, op: str, nbytes: int, fn):
     """Call `fn` (a blocking collective, p2p post or wait) counting `nbytes` and the time
     blocked under `op`; a failure becomes a CollectiveError naming group, op and rank."""
     group.bytes[op] += nbytes
+    call = _count(group, op)
     start = time.perf_counter()
     try:
         result = fn()
         group.seconds[op] += time.perf_counter() - start
         return result
     except RuntimeError as e:
-        raise _failure(group, op, e) from e
+        raise _failure(group, op, call, e) from e
 
 
 def start(group: Group, op: str, nbytes: int, fn):
     """Start an asynchronous collective (`fn` returns its Work), counting its bytes; the
     time blocked is counted when its `Pending` is waited for."""
     group.bytes[op] += nbytes
+    call = _count(group, op)
     try:
         return fn()
     except RuntimeError as e:
-        raise _failure(group, op, e) from e
+        raise _failure(group, op, call, e) from e
 
 
 @dataclass(eq=False)
@@ -146,6 +220,11 @@ class Pending:
     key: object = None  # what the caller tracks it by (a gradient bucket)
     out: torch.Tensor | None = None  # reduce-scatter result
     keep: torch.Tensor | None = None  # input kept alive until the collective is done
+    # its number from `start`, which callers call just before; later starts move it on
+    call: int = field(init=False)
+
+    def __post_init__(self):
+        self.call = self.group.p2p_calls if self.op == "p2p" else self.group.calls
 
     def wait(self) -> None:
         if self.work is None:
@@ -155,7 +234,7 @@ class Pending:
             self.work.wait()
             self.group.seconds[self.op] += time.perf_counter() - began
         except RuntimeError as e:
-            raise _failure(self.group, self.op, e) from e
+            raise _failure(self.group, self.op, self.call, e) from e
         self.work = None
 
 
@@ -200,13 +279,19 @@ def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group: Group):
 
 
 def p2p(group: Group, sends: list, recvs: list) -> list:
-    """Post one batch of sends and receives, each (tensor, peer global rank, tag), sends
-    first; returns their Works in that order (wait through `run(group, "p2p", 0, ...)`)."""
-    tensors = [t for t, _, _ in sends + recvs]
+    """Post one batch of sends and receives, each (tensor, peer global rank), sends first;
+    returns their Works in that order (wait through `run(group, "p2p", 0, ...)`).
+
+    No tags: NCCL ignores them (the k-th send from a to b meets the k-th receive on b
+    from a), so callers keep messages apart by posting order alone, and gloo, which
+    matches in posting order per tag, then behaves the same. Always one batch, even for
+    one op: a lone isend/irecv may go to a separate NCCL communicator, unordered with
+    the batched ones between the same two ranks."""
+    tensors = [t for t, _ in sends + recvs]
     _on_device(group, "p2p", *tensors)
-    ops = ([dist.P2POp(dist.isend, t, peer, group=group.pg, tag=tag) for t, peer, tag in sends]
-           + [dist.P2POp(dist.irecv, t, peer, group=group.pg, tag=tag) for t, peer, tag in recvs])
-    nbytes = sum(t.numel() * t.element_size() for t, _, _ in sends)
+    ops = ([dist.P2POp(dist.isend, t, peer, group=group.pg) for t, peer in sends]
+           + [dist.P2POp(dist.irecv, t, peer, group=group.pg) for t, peer in recvs])
+    nbytes = sum(t.numel() * t.element_size() for t, _ in sends)
     return run(group, "p2p", nbytes, lambda: dist.batch_isend_irecv(ops))
 
 
