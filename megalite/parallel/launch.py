@@ -56,6 +56,17 @@ def pick_device(cfg, local_rank: int) -> str:
     return f"cuda:{local_rank}"
 
 
+def process_group_options(device: str, timeout_s: float) -> dict:
+    """init_process_group's arguments: NCCL on CUDA, bound to this rank's device (set by
+    pick_device first), so torch creates each group's communicator when the group is
+    made, every member present, rather than at its first p2p batch, which not every
+    member of the group takes part in, and which would then hang; gloo on CPU."""
+    options = {"timeout": timedelta(seconds=timeout_s)}
+    if device.startswith("cuda"):
+        return {"backend": "nccl", "device_id": torch.device(device), **options}
+    return {"backend": "gloo", **options}
+
+
 def setup(cfg) -> tuple[Topology, str]:
     """Start this rank: returns (topology, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -70,9 +81,8 @@ def setup(cfg) -> tuple[Topology, str]:
         _die_with_parent()
         _log_to_file(cfg, rank)
     if world > 1 and not comm.world()[0]:
-        backend = "nccl" if device.startswith("cuda") else "gloo"
         # process start-up is the one torch.distributed call outside comm.py
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        dist.init_process_group(**process_group_options(device, cfg.parallel.timeout_s))
     p = cfg.parallel
     topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=p.timeout_s, device=device)
     return topo, device

@@ -11,7 +11,9 @@ this rank's index in it, and counters of the bytes its collectives move.
 Every process of the default group must take part in creating every group, so
 `build_topology` walks all of them in the same order on all ranks. A topology may
 cover only a prefix of the world's ranks (tests build many layouts inside one pool of
-workers); on a rank outside it `build_topology` returns None. With no process group
+workers); on a rank outside it `build_topology` returns None. Each rank then runs one
+all-reduce on each of its groups, so that NCCL communicators all exist before the first
+pipeline p2p batch (which only two members of a group post). With no process group
 initialised, every group has size 1 and collectives are no-ops.
 """
 
@@ -133,6 +135,11 @@ def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
                 mine[name] = Group(name, tuple(members), members.index(me), pg, device)
     if me >= size:
         return None
+    # One collective per group at start-up, in creation order (the same on every rank, so
+    # the lowest group not yet done always has all its members there): every communicator
+    # is up before the first p2p batch, which only some members of a group post.
+    for group in mine.values():
+        comm.all_reduce(torch.zeros(1, device=device), group)
     # Middle pipeline stages hold no embedding: their embedding group is just themselves.
     mine.setdefault("embedding", Group("embedding", (me,), 0, None, device))
     return Topology(tp, sp, dp, pp, me, mine["tp"], mine["sp"], mine["dp"], mine["pp"],
