@@ -35,7 +35,7 @@ from megalite.errors import ConfigError
 from megalite.training.metrics import flops_per_token
 from megalite.planning.state import (BYTES, vocab_rows, param_count, stage_layers,
                                      state_bytes)
-from megalite.parallel.pipeline.schedules import SCHEDULES
+from megalite.parallel.pipeline.schedules import SCHEDULES, most_waiting
 from megalite.parallel.sequence import check_sp_layout
 from megalite.parallel.tensor import check_tp_layout
 
@@ -269,8 +269,10 @@ def buffer_bytes(cfg: Config, pp_rank: int, state: dict) -> dict:
                             sum(layer_items(cfg, recompute).values()))
     if pp_rank == p.pp - 1:  # logits and one fp32 working copy inside the loss
         out["head_logits"] = (x.e + 4) * x.tokens * x.vocab
-    if p.pp > 1:  # a receive buffer and a send in flight
-        out["p2p"] = 2 * x.e * x.rows * x.h
+    if p.pp > 1:  # the receives waiting for their action, and a gradient send in flight
+        m, make = cfg.grad_accum_steps, SCHEDULES[p.schedule]
+        plans = [make(m, p.pp, r, p.virtual_stages) for r in range(p.pp)]
+        out["p2p"] = (most_waiting(plans, p.virtual_stages, pp_rank) + 1) * x.e * x.rows * x.h
     return out
 
 

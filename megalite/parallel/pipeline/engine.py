@@ -59,6 +59,7 @@ class PipelineEngine:
         self.v = len(model.stage.chunks)
         self.sequence_divisor = sequence_divisor
         self.peak_live = 0  # most micro-batches with saved activations at once, last run
+        self.peak_waiting = 0  # most received messages not yet used at once, last run
 
     def _shape(self, mb: int):
         inputs = self.batches[mb][0]
@@ -75,6 +76,7 @@ class PipelineEngine:
         batch = _Batch(self.group, sends, recvs)
         for (msg, _), (buf, _) in zip(rnd.recvs, recvs):
             self.inbox[msg] = (buf, batch)
+        self.peak_waiting = max(self.peak_waiting, len(self.inbox))
         # release finished sends as the step goes; keep the rest until waited
         self.posted = [b for b in self.posted if not b.done()] + [batch]
 
@@ -106,7 +108,7 @@ class PipelineEngine:
         timetable = rounds([make(m, self.pp, r, self.v) for r in range(self.pp)], self.v)
         mine = timetable[self.rank]
         last_vstage = self.pp * self.v - 1
-        self.inbox, self.posted, saved, self.peak_live = {}, [], {}, 0
+        self.inbox, self.posted, saved, self.peak_live, self.peak_waiting = {}, [], {}, 0, 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         last_backward = max((i for i, r in enumerate(mine) if r.action and r.action[0] == "B"),
                             default=-1)

@@ -126,3 +126,16 @@ def rounds(plans: list[list[tuple]], v: int) -> list[list[Round]]:
             if rd.action is not None or rd.sends or rd.recvs:
                 out[r].append(rd)
     return out
+
+
+def most_waiting(plans: list[list[tuple]], v: int, rank: int) -> int:
+    """The most messages `rank` holds received but not yet used at once: the receive
+    buffers that are alive beside the activations (1 for GPipe, 2 for 1F1B, up to 4 for
+    interleaved 1F1B up to pp = 8, v = 4)."""
+    pp, waiting, most = len(plans), set(), 0
+    for rnd in rounds(plans, v)[rank]:
+        if rnd.action is not None:
+            waiting.discard(_messages(rnd.action, rank, pp, v)[0])
+        waiting |= {message for message, _ in rnd.recvs}
+        most = max(most, len(waiting))
+    return most
