@@ -59,10 +59,14 @@ class BatchSampler:
             start, count = start + take, count - take
         return out
 
+    def peek_indices(self) -> list[int]:
+        """This rank's share of the next global batch, leaving the state as it is."""
+        return self._positions(self.consumed_samples + self.dp_rank * self.per_rank,
+                               self.per_rank)
+
     def next_indices(self) -> list[int]:
         """This rank's share of the next global batch; advances the state by one batch."""
-        start = self.consumed_samples + self.dp_rank * self.per_rank
-        indices = self._positions(start, self.per_rank)
+        indices = self.peek_indices()
         self.consumed_samples += self.global_batch_size
         return indices
 

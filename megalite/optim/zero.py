@@ -240,7 +240,15 @@ class ZeroOptimizer(ZeroStateExchange):
 
     def prepare_step(self) -> tuple[float, bool]:
         """Finish the reductions, unscale (fp16), and return (global gradient norm,
-        found_inf), equal on every rank; an overflow anywhere is seen everywhere."""
+        found_inf), equal on every rank; an overflow anywhere is seen everywhere. Reads
+        the norm to the host at once; the trainer instead batches `grad_sum_squares()`
+        with its other scalars into one transfer and hands the value to `set_norm`."""
+        return self.set_norm(self.grad_sum_squares().item())
+
+    def grad_sum_squares(self) -> torch.Tensor:
+        """Finish the reductions, unscale (fp16), and return the global sum of squares
+        of the gradients (float64, on the device, the same on every rank) without
+        waiting for it."""
         self.grads.finish()
         if self.scaler is not None:
             (self.grads.shard if self.stage >= 2 else self.grads.full).mul_(self.scaler.inv_scale)
@@ -253,11 +261,15 @@ class ZeroOptimizer(ZeroStateExchange):
             # sum dots of 256K-element pieces (rel ~1e-8).
             for piece in g.split(1 << 18):
                 sum_sq += torch.dot(piece, piece)
-        total = self.topo.all_reduce(sum_sq).item()
-        found_inf = not math.isfinite(total)
+        return self.topo.all_reduce(sum_sq)
+
+    def set_norm(self, sum_squares: float) -> tuple[float, bool]:
+        """Take the host value of `grad_sum_squares()`: (grad norm, found_inf); updates
+        the fp16 loss scale and arms `step`."""
+        found_inf = not math.isfinite(sum_squares)
         if self.scaler is not None:
             self.scaler.update(found_inf)
-        self._norm = math.sqrt(total) if math.isfinite(total) else float("nan")
+        self._norm = math.sqrt(sum_squares) if not found_inf else float("nan")
         return self._norm, found_inf
 
     @torch.no_grad()

@@ -22,7 +22,9 @@ output for all-gather, the unreduced input for reduce-scatter, the input for
 all-to-all and p2p. Counted on every rank, forward and backward alike, so a test or a
 metric reads one rank's counter as "bytes this rank put through this group".
 `group.seconds[op]` adds the time this rank was blocked in the call (for asynchronous
-collectives, in its wait): the communication not hidden behind compute.
+collectives, in its wait): the communication not hidden behind compute. Calls record
+their intervals in `group.blocked` (host clock on CPU, CUDA events on GPU) and
+`settle` adds them up, once the trainer knows they are over.
 
 A collective that fails (a peer died, or the group's timeout passed) raises
 `CollectiveError` naming the group, the collective, the rank and the members that did
@@ -63,7 +65,8 @@ class Group:
     pg: object = None  # torch ProcessGroup; None when the group has one member
     device: torch.device = torch.device("cpu")
     bytes: Counter = field(default_factory=Counter)  # op name -> payload bytes
-    seconds: Counter = field(default_factory=Counter)  # op name -> time blocked in it
+    seconds: Counter = field(default_factory=Counter)  # op name -> time blocked (settled)
+    blocked: list = field(default_factory=list)  # (op, began, ended) not yet settled
     calls: int = 0  # collectives entered here: every member enters the same sequence
     last_op: str = "-"  # the last of them
     p2p_calls: int = 0  # posts and waits, apart: each pipeline stage has its own sequence
@@ -191,13 +194,42 @@ def run(group: Group, op: str, nbytes: int, fn):
     blocked under `op`; a failure becomes a CollectiveError naming group, op and rank."""
     group.bytes[op] += nbytes
     call = _count(group, op)
-    start = time.perf_counter()
+    began = _now(group)
     try:
         result = fn()
-        group.seconds[op] += time.perf_counter() - start
-        return result
     except RuntimeError as e:
         raise _failure(group, op, call, e) from e
+    group.blocked.append((op, began, _now(group)))
+    return result
+
+
+def _now(group: Group):
+    """A mark of "now" for the time blocked: the host clock on CPU; on CUDA an event on
+    the current stream, because there a collective (or a wait) returns at once and it is
+    the stream that waits: the time between the events around it is the exposed
+    communication, which the host clock would not see."""
+    if group.device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def settle(groups, upto: dict | None = None, read: bool = True) -> None:
+    """Add the blocked intervals recorded so far (the first `upto[id(group)]` of them if
+    given) to each group's `seconds`, or drop them unread (`read=False`: on CUDA, their
+    events are read only after the caller waited for a later event)."""
+    for g in groups:
+        n = len(g.blocked) if upto is None else upto[id(g)]
+        for op, began, ended in g.blocked[:n] if read else ():
+            g.seconds[op] += (ended - began if isinstance(began, float)
+                              else began.elapsed_time(ended) / 1000)
+        del g.blocked[:n]
+
+
+def marks(groups) -> dict:
+    """How many blocked intervals each group holds now: a cut for `settle(upto=...)`."""
+    return {id(g): len(g.blocked) for g in groups}
 
 
 def start(group: Group, op: str, nbytes: int, fn):
@@ -229,12 +261,12 @@ class Pending:
     def wait(self) -> None:
         if self.work is None:
             return
-        began = time.perf_counter()
+        began = _now(self.group)
         try:
             self.work.wait()
-            self.group.seconds[self.op] += time.perf_counter() - began
         except RuntimeError as e:
             raise _failure(self.group, self.op, self.call, e) from e
+        self.group.blocked.append((self.op, began, _now(self.group)))
         self.work = None
 
 

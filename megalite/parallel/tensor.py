@@ -249,8 +249,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         columns = ctx.vocab_start + torch.arange(x.shape[1], device=x.device)
         x = x.masked_fill(columns >= ctx.vocab_size, float("-inf"))
         grad = torch.exp(x - lse.unsqueeze(1))  # softmax; 0 on pad columns
-        rows = torch.nonzero(mine).squeeze(1)
-        grad[rows, local[rows]] -= 1.0
+        # minus one at each row's own target column (a scatter: no nonzero(), which
+        # would wait for the device to learn how many rows there are)
+        column = local.clamp(0, x.shape[1] - 1).unsqueeze(1)
+        grad.scatter_add_(1, column, -mine.to(grad.dtype).unsqueeze(1))
         scale = torch.where(valid, grad_loss / n_valid, 0.0)
         return (grad * scale.unsqueeze(1)).to(logits.dtype), None, None, None, None, None
 

@@ -19,11 +19,16 @@ For a listed step each rank writes, under `<run_dir>/profile/`:
 
 Each listed step is profiled on its own (no warm-up/active schedule): the steps to
 look at are the user's choice, and a later step is the way to leave warm-up out.
+
+Also here: `StepClock`, the marks that split a step's time (CUDA events on a GPU, where
+host clocks around asynchronous calls measure nothing), and `SyncDebug`, the
+sync-debug mode that proves a step waits for the device only where it means to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import torch
@@ -113,3 +118,61 @@ class StepProfiler:
             yield
         finally:
             self.stop()
+
+
+class StepClock:
+    """Marks inside a step and the time between them. On CPU the host clock; on CUDA
+    events on the compute stream: the host returns from asynchronous launches long
+    before the work is done, so only the stream knows when a phase ended. Reading
+    CUDA marks (`intervals`) waits for the last one, so the trainer reads them only
+    on the steps it logs."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.marks: list = []
+
+    def start(self) -> None:
+        self.marks = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+class SyncDebug:
+    """MEGALITE_SYNC_DEBUG=1 on CUDA (tools/gpu_check.sh sets it): each training step
+    runs under torch.cuda.set_sync_debug_mode("error"), so any host-device
+    synchronisation raises, except inside `allowed()`: the step's one transfer of its
+    scalars and, on logged steps, the read of its timings."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def _mode(self, inside: str, after: str):
+        if not self.enabled:
+            yield
+            return
+        torch.cuda.set_sync_debug_mode(inside)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(after)
+
+    def step(self):
+        return self._mode("error", "default")
+
+    def allowed(self):
+        return self._mode("default", "error")

@@ -14,6 +14,7 @@ signal lets the current step finish, saves, and returns normally (exit code 0).
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -36,7 +37,8 @@ from megalite.parallel import comm
 from megalite.model.build import build_model
 from megalite.parallel.sequence import shard_batch
 from megalite.parallel.pipeline.engine import PipelineEngine
-from megalite.training.profiling import StepProfiler
+from megalite.training.profiling import StepClock, StepProfiler, SyncDebug
+from megalite.training.staging import StagedBatches, to_device
 from megalite.checkpoint.sharding import load_trainer_state, partitioning, save_trainer_state
 
 
@@ -107,26 +109,29 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         peak = peak_flops(device_name if cuda else None, cfg.log.peak_tflops)
         self.peak = peak * self.topo.world_size if peak else None
+        self.batches = StagedBatches(self.data.train, self.sampler, self.device)
+        self.clock = StepClock(self.device)
+        self._sync_debug = SyncDebug(cuda and os.environ.get("MEGALITE_SYNC_DEBUG") == "1")
+        self._groups = list({id(g): g for g in self.topo.groups}.values())
 
     # ---- one step -----------------------------------------------------------------
     def _batch(self, dataset, indices):
-        rows = np.stack([dataset[i] for i in indices])
-        tokens = torch.from_numpy(rows).to(self.device)
-        return shard_batch(tokens, self.topo, self.cfg)
+        return shard_batch(to_device(np.stack([dataset[i] for i in indices]), self.device),
+                           self.topo, self.cfg)
 
-    def _mean_over_replicas(self, value: torch.Tensor) -> float:
-        """Average a per-rank loss over dp x sp, so every rank logs and decides alike."""
-        value = value.detach().clone().reshape(1)
+    def _mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
+        """Average a per-rank loss over dp x sp on the device, so every rank logs and
+        decides alike (read to the host with the step's other scalars)."""
+        value = value.detach().clone().reshape(1).to(torch.float64)
         comm.all_reduce(value, self.topo.dp_sp_group)
-        return value.item() / self.topo.dp_sp_group.size
+        return value / self.topo.dp_sp_group.size
 
     def _comm_counters(self) -> tuple[dict, float, float]:
         """(bytes per group, seconds blocked in pipeline p2p, seconds blocked in the
-        other collectives) so far, on this rank."""
-        groups = {g.name: g for g in self.topo.groups}.values()
-        p2p = sum(g.seconds["p2p"] for g in groups)
-        return ({g.name: sum(g.bytes.values()) for g in groups}, p2p,
-                sum(sum(g.seconds.values()) for g in groups) - p2p)
+        other collectives) settled so far, on this rank."""
+        p2p = sum(g.seconds["p2p"] for g in self._groups)
+        return ({g.name: sum(g.bytes.values()) for g in self._groups}, p2p,
+                sum(sum(g.seconds.values()) for g in self._groups) - p2p)
 
     def _memory(self) -> dict:
         """This rank's memory stats plus the largest over all ranks (`*_max`): the rank
@@ -137,29 +142,41 @@ class Trainer:
             torch.tensor([float(stats[k]) for k in keys], device=self.topo.device), op="max")
         return {**stats, **{f"{k}_max": int(v) for k, v in zip(keys, peak.tolist())}}
 
-    def _clock(self) -> float:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def train_step(self) -> dict:
+    def train_step(self, stop: StopSignal | None = None, timed: bool = True) -> dict:
         """One optimizer update. Besides loss, norm and throughput, the record splits the
         step time on this rank into compute (forward + backward), pipeline (blocked in
         p2p: the bubble plus transfers), comm (blocked in any other collective: the
         communication not hidden behind compute) and optimizer (clip, AdamW, write-back)
-        and gives the bytes this rank moved through each group."""
-        cfg, t0 = self.cfg, self._clock()
+        and gives the bytes this rank moved through each group. `stop` is a signal flag
+        every rank agrees on in this step (`record["stop"]`).
+
+        The host reads the device once: loss, gradient sum of squares and stop flag in
+        one transfer, from which the guard, the loss scaler and the clipping decide.
+        `timed=False` leaves the timings out: on CUDA reading them waits for the GPU,
+        so the loop times only the steps it logs."""
+        with self._sync_debug.step():
+            return self._train_step(stop, timed)
+
+    def _train_step(self, stop, timed: bool) -> dict:
+        cfg, clock = self.cfg, self.clock
+        comm.settle(self._groups, read=False)  # what validation or a save left
+        clock.start()
         bytes0, p2p0, comm0 = self._comm_counters()
         lr = self.schedule(self.step + 1)
         self.model.train()
-        indices = self.sampler.next_indices()
-        micro_batches = self.micro_batches(indices)
+        indices, rows = self.batches.next_step()
         self.optimizer.zero_grad()
-        loss_sum = self.forward_backward(micro_batches)
-        t1 = self._clock()
-        _, p2p1, comm1 = self._comm_counters()
-        grad_norm, found_inf = self.optimizer.prepare_step()  # equal on every rank
-        loss = self._mean_over_replicas(loss_sum)
+        loss_sum = self.forward_backward(self.micro_batches(indices), rows)
+        clock.mark()
+        cut = comm.marks(self._groups)
+        sum_sq = self.optimizer.grad_sum_squares()  # equal on every rank
+        flag = torch.full((1,), float(bool(stop and stop.received)), dtype=torch.float64,
+                          device=self.topo.device)
+        scalars = torch.cat([self._mean_over_replicas(loss_sum), sum_sq.reshape(1),
+                             self.topo.all_reduce(flag)])
+        with self._sync_debug.allowed():
+            loss, sum_squares, stopping = scalars.tolist()  # the step's one transfer
+        grad_norm, found_inf = self.optimizer.set_norm(sum_squares)
         # An fp16 overflow is the loss scaler's business: skipped, scale lowered, not
         # a spike. In bf16/fp32 a non-finite gradient is the guard's "nan_grad".
         skip = self.guard.check(loss, grad_norm,
@@ -170,31 +187,44 @@ class Trainer:
             self.optimizer.skip()
         self.step += 1
         self.last_loss = loss
-        t2 = self._clock()
+        clock.mark()
+        self.batches.stage_next()  # read and copy while the GPU runs the update
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "skipped": self.guard.skipped, "skip_reason": skip, "stop": stopping > 0,
+                  **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {})}
+        if not timed:
+            return record
+        with self._sync_debug.allowed():
+            fb_time, rest = clock.intervals()
+        comm.settle(self._groups, cut)
+        _, p2p1, comm1 = self._comm_counters()
+        comm.settle(self._groups)
         bytes2, p2p2, comm2 = self._comm_counters()
-        step_time = t2 - t0
+        step_time = fb_time + rest
         tokens_per_s = cfg.train.global_batch_size * cfg.train.seq_len / step_time
-        split = {"time_compute": (t1 - t0) - (p2p1 - p2p0) - (comm1 - comm0),
+        split = {"time_compute": fb_time - (p2p1 - p2p0) - (comm1 - comm0),
                  "time_pipeline": p2p2 - p2p0, "time_comm": comm2 - comm0,
-                 "time_optimizer": (t2 - t1) - (p2p2 - p2p1) - (comm2 - comm1)}
-        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s, "step_time": step_time,
-                "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak),
-                "skipped": self.guard.skipped, "skip_reason": skip, **split,
-                "comm_bytes": {g: bytes2[g] - bytes0[g] for g in bytes2 if bytes2[g] > bytes0[g]},
-                **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {})}
+                 "time_optimizer": rest - (p2p2 - p2p1) - (comm2 - comm1)}
+        return {**record, "tokens_per_s": tokens_per_s, "step_time": step_time,
+                "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak), **split,
+                "comm_bytes": {g: bytes2[g] - bytes0[g] for g in bytes2 if bytes2[g] > bytes0[g]}}
 
     def micro_batches(self, indices) -> list:
         mbs = self.cfg.train.micro_batch_size
         return [indices[i:i + mbs] for i in range(0, len(indices), mbs)]
 
-    def forward_backward(self, micro_batches) -> torch.Tensor:
+    def forward_backward(self, micro_batches, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Accumulate the gradients of the mean loss over `micro_batches` (lists of sample
-        indices); returns that loss on every rank of the pipeline."""
+        indices; `rows`: their token rows on the device, in that order, if already
+        staged); returns that loss on every rank of the pipeline."""
         # Every micro-batch has the same token count, so the mean of per-micro-batch
         # means is the mean over the global batch: each gradient is averaged once.
         weight, opt = 1.0 / len(micro_batches), self.optimizer
-        batches = [self._batch(self.data.train, micro) for micro in micro_batches]
+        if rows is None:
+            batches = [self._batch(self.data.train, micro) for micro in micro_batches]
+        else:
+            batches = [shard_batch(part, self.topo, self.cfg)
+                       for part in rows.split([len(m) for m in micro_batches])]
         scale = opt.loss_scale  # fp16: folded into the weight the engine applies
         # The data-parallel buckets reduce during the last backward (ZeRO 0/1 overlap).
         loss_sum = self.pipeline.run(self.cfg.parallel.schedule, batches,
@@ -219,7 +249,7 @@ class Trainer:
         total = self.pipeline.run("forward", batches, [len(b[0]) for b in batches])
         comm.all_reduce(total, self.topo.pp_group)
         self.model.train()
-        return self._mean_over_replicas(total / len(mine))
+        return self._mean_over_replicas(total / len(mine)).item()
 
     # ---- the loop -----------------------------------------------------------------
     def train(self) -> int:
@@ -235,13 +265,13 @@ class Trainer:
                           **self._memory()}
                 self.metrics.log(record)
                 print(console_line(record, cfg.train.steps, 0.0), flush=True)
-            while self.step < cfg.train.steps and not self._agreed_stop(stop):
+            while self.step < cfg.train.steps:
                 with self.profiler.step(self.step + 1):
-                    record = self.train_step()
+                    record = self.train_step(stop, timed=self._logs(self.step + 1))
+                stopping = record.pop("stop")
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     record["val_loss"] = self.validate()
-                if self.step % cfg.log.every == 0 or "val_loss" in record \
-                        or self.step == cfg.train.steps:
+                if self._logs(self.step):
                     record.update(self._memory())
                     self.metrics.log(record)
                     print(console_line(record, cfg.train.steps, time.time() - started,
@@ -251,6 +281,8 @@ class Trainer:
                 if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or due_minutes:
                     self.save()
                     last_save_time = time.time()
+                if stopping:  # every rank saw the same flag in this step's transfer
+                    break
             if self.last_saved != self.step:
                 self.save()
         self.metrics.close()
@@ -276,10 +308,11 @@ class Trainer:
         print(f"[megalite] rank {self.topo.rank} memory: zero {r['zero']} over {r['shards']} "
               f"ranks, psi {r['psi']:,}: {terms}", flush=True)
 
-    def _agreed_stop(self, stop: StopSignal) -> bool:
-        """All ranks stop together: a signal may reach only some of them."""
-        flag = torch.tensor([1.0 if stop.received else 0.0], device=self.topo.device)
-        return self.topo.all_reduce(flag).item() > 0
+    def _logs(self, step: int) -> bool:
+        """Whether `step` writes a metrics record (and so is timed)."""
+        t = self.cfg.train
+        return (step % self.cfg.log.every == 0 or step == t.steps
+                or bool(t.eval_every and step % t.eval_every == 0))
 
     # ---- checkpoints ---------------------------------------------------------------
     def save(self) -> Path:
