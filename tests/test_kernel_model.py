@@ -18,6 +18,9 @@ from megalite.config import ModelConfig  # noqa: E402
 from megalite.model.init import init_parameters  # noqa: E402
 from megalite.model.transformer import Transformer  # noqa: E402
 
+# Triton runs on the GPU when there is one (tools/gpu_check.sh), in the interpreter else.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def losses(preset: str, kernels: str, steps: int = 3) -> list[float]:
     cfg = ModelConfig(preset=preset, hidden_size=64, num_layers=2, num_heads=4,
@@ -27,8 +30,9 @@ def losses(preset: str, kernels: str, steps: int = 3) -> list[float]:
                       tie_embeddings=preset == "gpt2")
     model = Transformer(cfg)
     init_parameters(model, seed=3, std=0.02)
+    model.to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tokens = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     out = []
     for _ in range(steps):
         loss = model(tokens[:, :-1], tokens[:, 1:])
