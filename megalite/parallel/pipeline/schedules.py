@@ -29,6 +29,7 @@ confuse even when both neighbours are one rank (pp = 2).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 
@@ -128,14 +129,20 @@ def rounds(plans: list[list[tuple]], v: int) -> list[list[Round]]:
     return out
 
 
-def most_waiting(plans: list[list[tuple]], v: int, rank: int) -> int:
-    """The most messages `rank` holds received but not yet used at once: the receive
-    buffers that are alive beside the activations (1 for GPipe, 2 for 1F1B, up to 4 for
-    interleaved 1F1B up to pp = 8, v = 4)."""
-    pp, waiting, most = len(plans), set(), 0
-    for rnd in rounds(plans, v)[rank]:
-        if rnd.action is not None:
-            waiting.discard(_messages(rnd.action, rank, pp, v)[0])
-        waiting |= {message for message, _ in rnd.recvs}
-        most = max(most, len(waiting))
-    return most
+@functools.lru_cache(maxsize=256)
+def most_waiting(schedule: str, m: int, pp: int, v: int) -> tuple[int, ...]:
+    """Per rank, the most messages it holds received but not yet used at once: the
+    receive buffers alive beside the activations (1 for GPipe, 2 for 1F1B, up to 4 for
+    interleaved 1F1B up to pp = 8, v = 4). `schedule`: a SCHEDULES name or "forward"."""
+    make = forward_only if schedule == "forward" else SCHEDULES[schedule]
+    timetable = rounds([make(m, pp, r, v) for r in range(pp)], v)
+    out = []
+    for rank, mine in enumerate(timetable):
+        waiting, most = set(), 0
+        for rnd in mine:
+            if rnd.action is not None:
+                waiting.discard(_messages(rnd.action, rank, pp, v)[0])
+            waiting |= {message for message, _ in rnd.recvs}
+            most = max(most, len(waiting))
+        out.append(most)
+    return tuple(out)
