@@ -36,7 +36,7 @@ VOCAB, SEQ, BATCH, LR = 64, 16, 8, 1e-2
 
 
 def make_cfg(zero=0, dp=1, tp=1, sp=1, tp_sp=False, bucket_mb=100.0, overlap=True, micro=1, clip=0.0,
-             offload="none", precision="fp64", hysteresis=2):
+             offload="none", precision="fp64", hysteresis=2, grad_dtype=None):
     mbs = BATCH // (dp * micro)
     overrides = {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
                  "model.vocab_size": VOCAB, "model.kernels": "torch", "model.attention": "eager",
@@ -46,7 +46,8 @@ def make_cfg(zero=0, dp=1, tp=1, sp=1, tp_sp=False, bucket_mb=100.0, overlap=Tru
                  "parallel.tp_sp": tp_sp, "parallel.bucket_mb": bucket_mb,
                  "parallel.overlap_grad_reduce": overlap, "optim.clip_grad": clip,
                  "optim.offload": offload, "optim.lr": LR, "optim.weight_decay": 0.1,
-                 "train.loss_scale_hysteresis": hysteresis, "train.loss_scale_window": 1000}
+                 "train.loss_scale_hysteresis": hysteresis, "train.loss_scale_window": 1000,
+                 **({"train.grad_dtype": grad_dtype} if grad_dtype else {})}
     cfg = load_config(None, [(k, str(v)) for k, v in overrides.items()])
     resolve(cfg, VOCAB, "cpu")
     return cfg
@@ -239,6 +240,21 @@ def test_bf16_memory_and_tracking():
         assert rep["grads_bytes"] == 4 * (psi + pad)
         deviation = max(abs(a[0] - b[0]) for a, b in zip(r["history"], ref_history))
         assert deviation < BF16_LOSS_TOL, deviation
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_half_gradients_give_the_zero_papers_bytes(zero):
+    """fp16 params and fp16 gradients at dp 4: 2 + 14/N bytes per parameter under ZeRO 2,
+    16/N under ZeRO 3 (the ZeRO paper's K = 12), plus the stated padding; the shard
+    is in grad_dtype, not fp32."""
+    case = dict(zero=zero, dp=4, precision="fp16", grad_dtype="fp16", bucket_mb=0.01)
+    for r in [r for r in run_on_ranks(train_on_ranks, case, 1) if r is not None]:
+        rep, n = r["report"], 4
+        elements = rep["psi"] + rep["padding_elements"]
+        total = rep["params_bytes"] + rep["grads_bytes"] + rep["optimizer_bytes"]
+        expected = (2 + 14 / n) if zero == 2 else 16 / n
+        assert total == expected * elements, (total / elements, expected)
+        assert rep["grads_bytes"] == 2 * elements / n
 
 
 def test_fp16_overflow_skips_everywhere_and_halves_scale():

@@ -13,8 +13,8 @@ device, and never call `model.to()` afterwards. Over the dp x sp group of N rank
     0      full, all-reduced         full (grad_dtype)  full
     1      full                      full (grad_dtype)  this rank's chunks, params all-gathered
                                      reduce-scattered once per step
-    2      full                      fp32 shard         this rank's chunks, params all-gathered
-    3      shard (gathered per layer) fp32 shard        this rank's chunks
+    2      full                      shard (grad_dtype) this rank's chunks, params all-gathered
+    3      shard (gathered per layer) shard (grad_dtype) this rank's chunks
 
 Stage 3 gathers each transformer block's parameters just before its forward (the next
 block's gather is prefetched) and frees them after; the gradient of the block's
@@ -113,7 +113,7 @@ class ZeroOptimizer(ZeroStateExchange):
         self.opt_device = torch.device("cpu") if self.offload else self.device
         order = list(reversed(params))
         units = self._units(model, order) if self.stage == 3 else None
-        grad_bytes = (self.master_dtype if self.stage >= 2 else self.grad_dtype).itemsize
+        grad_bytes = self.grad_dtype.itemsize
         bucket_numel = max(1, int(par.bucket_mb * 2 ** 20 / grad_bytes))
         tied = _tied_embedding(model, topo)
         names = {id(p): n for n, p in self.named}
@@ -343,7 +343,7 @@ class ZeroOptimizer(ZeroStateExchange):
         psi, pad, n = self.layout.numel, self.layout.padding, self.n
         e_param = self.model_dtype.itemsize
         e_master = self.master_dtype.itemsize
-        e_grad = e_master if self.stage >= 2 else self.grad_dtype.itemsize
+        e_grad = self.grad_dtype.itemsize
         e_opt = e_master * (3 if self.separate_master else 2)
         shards = {"params": n if self.stage == 3 else 1, "grads": n if self.stage >= 2 else 1,
                   "optimizer": n if self.stage >= 1 else 1}

@@ -5,7 +5,7 @@ hardware FLOPs of one global batch, and the bytes each pipeline stage holds per 
 
 - params / grads / optimizer (megalite/planning/state.py): ZeroOptimizer's flat buffers, bucket
   padding included by laying the rank's parameters out with the same `BucketLayout`:
-  model-dtype parameters, gradients in train.grad_dtype (fp32 shard under ZeRO 2/3),
+  model-dtype parameters, gradients in train.grad_dtype (a shard of them under ZeRO 2/3),
   8 bytes of Adam moments plus a 4-byte fp32 master when the model is not fp32.
   ZeRO 1 shards the optimizer over N = dp * sp, 2 also the gradients, 3 also the
   parameters (the ZeRO paper's Psi / N terms).

@@ -115,7 +115,7 @@ def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
         units = [[q for q in order if id(q) not in in_blocks], *reversed(blocks)]
     # A tied embedding split over stages sits alone in a bucket (zero.py `_tied_embedding`).
     tied = cfg.model.tie_embeddings and p.pp > 1 and pp_rank in (0, p.pp - 1)
-    grad_bytes = _master_bytes(cfg) if p.zero >= 2 else BYTES[cfg.train.grad_dtype]
+    grad_bytes = BYTES[cfg.train.grad_dtype]
     bucket_numel = max(1, int(p.bucket_mb * 2 ** 20 / grad_bytes))
     layout = BucketLayout(order, n, bucket_numel, units,
                           isolate=(params[0][1],) if tied and units is None else ())
@@ -126,7 +126,7 @@ def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
 
 
 def _master_bytes(cfg: Config) -> int:
-    """Bytes per element of the master weights, moments and sharded gradients: fp32,
+    """Bytes per element of the master weights and moments: fp32,
     or fp64 for an fp64 run (zero.py's `master_dtype`)."""
     return max(4, BYTES[cfg.train.precision])
 
@@ -141,7 +141,7 @@ def state_bytes(cfg: Config, pp_rank: int, exact: bool = True) -> dict:
     opt_numel = lay["total"] if p.zero == 0 else lay["shard"]
     out = {"psi": lay["psi"],
            "params": e * (lay["total"] if p.zero < 3 else lay["shard"]),
-           "grads": g * lay["total"] if p.zero < 2 else master * lay["shard"],
+           "grads": g * lay["total"] if p.zero < 2 else g * lay["shard"],
            "optimizer": master * (2 + separate_master) * opt_numel, "host_optimizer": 0}
     if cfg.optim.offload == "cpu":
         out["host_optimizer"], out["optimizer"] = out["optimizer"], 0

@@ -24,7 +24,8 @@ parameters never hold a `.grad` and the model dtype may differ from the buffer's
   only accumulate.
 - `shard=True` (ZeRO 2/3): a bucket's full-size gradient exists only while backward
   fills it; once complete (in every micro-batch) it is reduce-scattered into this
-  rank's fp32 gradient shard and dropped. More traffic, shard-sized memory.
+  rank's gradient shard (in `train.grad_dtype` too) and dropped. More traffic,
+  shard-sized memory.
 With `overlap=False` nothing starts inside backward: ZeRO 2/3 reduce-scatter every
 bucket at the end of each backward, ZeRO 0/1 all-reduce in `finish`. The result is
 the same to rounding. `finish()` launches what is left, waits for everything, applies
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import compute_dtype
 from megalite.parallel import comm
 from megalite.parallel.grads.buckets import Bucket, BucketLayout
 from megalite.parallel.topology import Group, Topology
@@ -63,7 +63,8 @@ class GradBuffer:
         self.on_bucket_complete, self.on_backward_end = on_bucket_complete, on_backward_end
         # ZeRO 0/1: the whole gradient; ZeRO 2/3: this rank's chunks, in fp32 (fp64 for fp64).
         self.full = None if shard else torch.zeros(layout.total, dtype=dtype, device=device)
-        self.shard = (torch.zeros(layout.shard_size, dtype=compute_dtype(dtype), device=device)
+        # the shard is in grad_dtype too: bf16/fp16 grads give the ZeRO paper's 2 bytes/N
+        self.shard = (torch.zeros(layout.shard_size, dtype=dtype, device=device)
                       if shard else None)
         self.partial: list = [None] * len(layout.buckets)  # ZeRO 2/3: buckets being filled
         self.ready = [0] * len(layout.buckets)
