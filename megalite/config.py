@@ -81,6 +81,7 @@ class TrainConfig:
     loss_scale_hysteresis: int = 2  # fp16: overflows tolerated before the scale halves
     loss_scale_min: float = 1.0  # fp16: the scale never drops below this
     recompute: str = "none"  # none | selective | full
+    offload_activations: bool = False  # blocks' saved tensors in host memory until backward
     seed: int = 1234
     deterministic: bool = False
     eval_every: int = 50  # validation every N steps (and at step 0); 0 disables

@@ -86,7 +86,7 @@ def run_layout(args):
 
 
 # Settings that leave the arithmetic unchanged: the reference runs without them.
-LAYOUT_ONLY = {"train.recompute", "optim.offload"}
+LAYOUT_ONLY = {"train.recompute", "optim.offload", "train.offload_activations"}
 
 
 def layout_args(cache, run_dir, preset, layout, precision="fp64"):

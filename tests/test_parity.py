@@ -60,8 +60,9 @@ ZERO_LAYOUTS = [
                "model.num_layers": 4}),
     ("llama", dict(dp=2, sp=2, zero=2, sp_mode="ring")),
     ("llama", {"dp": 2, "zero": 1, "optim.offload": "cpu"}),
-    ("llama", {"dp": 2, "zero": 3, "train.recompute": "full"}),
-    ("gpt2", {"tp": 2, "sp": 2, "tp_sp": "true", "train.recompute": "selective"}),
+    ("llama", {"dp": 2, "zero": 3, "train.recompute": "full", "train.offload_activations": "true"}),
+    ("gpt2", {"tp": 2, "sp": 2, "tp_sp": "true", "train.recompute": "selective",
+              "train.offload_activations": "true"}),
     ("llama", {"pp": 2, "tp": 2, "tp_sp": "true", "train.recompute": "full"}),
 ]
 PIPELINE_MATRIX = [

@@ -34,6 +34,7 @@ def build_model(cfg, topo: Topology, device: str) -> Transformer:
     stage = (stage_spec(m.num_layers, topo.pp, p.virtual_stages, topo.pp_rank, p.stage_layers)
              if topo.pp > 1 else None)
     model = Transformer(m, layers=layers, sp_group=topo.sp_group, sp_mode=p.sp_mode, stage=stage,
-                        recompute=cfg.train.recompute)
+                        recompute=cfg.train.recompute,
+                        offload_activations=cfg.train.offload_activations)
     init_parameters(model, cfg.train.seed, m.init_std)
     return model.to(device)

@@ -48,6 +48,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import get_ops
 from kernels.reference import compute_dtype
 from megalite.config import ModelConfig
+from megalite.model.offload import ActivationOffload
 from megalite.parallel.sequence import sequence_attention
 from megalite.parallel.pipeline.stage import StageSpec
 from megalite.parallel.tensor import mark_replicated
@@ -265,11 +266,13 @@ class Transformer(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layers: DenseLayers | None = None, sp_group=None,
-                 sp_mode: str = "ring", stage: StageSpec | None = None, recompute: str = "none"):
+                 sp_mode: str = "ring", stage: StageSpec | None = None, recompute: str = "none",
+                 offload_activations: bool = False):
         """`sp_group`: the sequence-parallel group when each rank holds a chunk of every
         sequence (`position_ids` then gives the chunk's global positions). `stage`: the
         pipeline rank's share (parallel/stage.py); None builds the whole model.
-        `recompute`: none | selective | full (activation recomputation in training)."""
+        `recompute`: none | selective | full (activation recomputation in training).
+        `offload_activations`: keep what the blocks save for backward in host memory."""
         super().__init__()
         layers = layers or DenseLayers()
         layers.check(cfg)
@@ -292,6 +295,7 @@ class Transformer(nn.Module):
         self.layers = LayerDict({str(i): Block(cfg, layers, ops, sp_group, sp_mode)
                                  for i in self.stage.layer_ids})
         self.recompute_blocks = recompute == "full"
+        self.offload = ActivationOffload(offload_activations)
         for block in self.layers.values():
             block.attn.recompute_core = recompute == "selective"
         self.norm = make_norm(cfg, ops) if last else None
@@ -335,10 +339,11 @@ class Transformer(nn.Module):
             x = F.dropout(x, self.cfg.dropout, self.training)
         recompute = self.recompute_blocks and torch.is_grad_enabled()
         for i in self.stage.chunks[chunk]:
-            if recompute:
-                x = checkpoint(self.layers[i], x, rope, use_reentrant=False)
-            else:
-                x = self.layers[i](x, rope)
+            with self.offload:  # one block at a time: its saved tensors go to the host
+                if recompute:
+                    x = checkpoint(self.layers[i], x, rope, use_reentrant=False)
+                else:
+                    x = self.layers[i](x, rope)
         if not heads:
             return x
         logits = self.lm_head(self.norm(x))  # [B, S, V/tp] under tensor parallelism

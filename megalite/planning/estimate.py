@@ -217,7 +217,8 @@ def chunk_bytes(cfg: Config, pp_rank: int) -> list[int]:
     """Activation bytes of one micro-batch in each local chunk of a pipeline rank."""
     x, p = _Shape(cfg), cfg.parallel
     full = cfg.train.recompute == "full"
-    per_layer = sum(layer_items(cfg).values())
+    # offloaded blocks keep their saved tensors in host memory (host_activation_bytes)
+    per_layer = 0 if cfg.train.offload_activations else sum(layer_items(cfg).values())
     last = p.pp * p.virtual_stages - 1
     out = []
     for chunk, layers in enumerate(stage_layers(cfg, pp_rank)):
@@ -269,6 +270,8 @@ def buffer_bytes(cfg: Config, pp_rank: int, state: dict, exact: bool = True) -> 
                             sum(layer_items(cfg, recompute).values()))
     if pp_rank == p.pp - 1:  # logits and one fp32 working copy inside the loss
         out["head_logits"] = (x.e + 4) * x.tokens * x.vocab
+    if cfg.train.offload_activations:  # the block being run, or brought back for backward
+        out["offloaded_block"] = sum(layer_items(cfg).values())
     if p.pp > 1:  # the receives waiting for their action, and a gradient send in flight
         # the planner (not exact) takes the most seen over pp <= 8, v <= 4, m <= 4 pp
         # (test_nccl_rules) instead of building a timetable for every candidate
@@ -296,6 +299,12 @@ def stage_memory(cfg: Config, pp_rank: int, exact: bool = True) -> dict:
     """Bytes per rank of pipeline stage `pp_rank`, by kind, with the buffers by name."""
     state = state_bytes(cfg, pp_rank, exact)
     activations, in_flight = activation_bytes(cfg, pp_rank)
+    host_activations = 0
+    if cfg.train.offload_activations:  # every block of every micro-batch in flight
+        layers = [len(c) for c in stage_layers(cfg, pp_rank)]
+        host_activations = _peak(cfg.parallel.schedule, cfg.grad_accum_steps, cfg.parallel.pp,
+                                 pp_rank, cfg.parallel.virtual_stages,
+                                 tuple(n * sum(layer_items(cfg).values()) for n in layers))
     buffers = buffer_bytes(cfg, pp_rank, state, exact)
     memory = {"params": state["params"], "grads": state["grads"],
               "optimizer": state["optimizer"], "activations": activations,
@@ -304,6 +313,7 @@ def stage_memory(cfg: Config, pp_rank: int, exact: bool = True) -> dict:
     memory["total"] = sum(memory.values())
     return {"pp_rank": pp_rank, "memory_bytes": memory, "buffers": buffers,
             "params_per_rank": state["psi"], "host_optimizer_bytes": int(state["host_optimizer"]),
+            "host_activation_bytes": int(host_activations),
             "micro_batches_in_flight": in_flight}
 
 

@@ -162,6 +162,7 @@ class Trainer:
         comm.settle(self._groups, read=False)  # what validation or a save left
         clock.start()
         bytes0, p2p0, comm0 = self._comm_counters()
+        offloaded0 = self.model.offload.bytes_offloaded
         lr = self.schedule(self.step + 1)
         self.model.train()
         indices, rows = self.batches.next_step()
@@ -191,7 +192,9 @@ class Trainer:
         self.batches.stage_next()  # read and copy while the GPU runs the update
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "skipped": self.guard.skipped, "skip_reason": skip, "stop": stopping > 0,
-                  **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {})}
+                  **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {}),
+                  **({"offload_bytes": self.model.offload.bytes_offloaded - offloaded0}
+                     if self.model.offload.enabled else {})}
         if not timed:
             return record
         with self._sync_debug.allowed():
