@@ -9,6 +9,10 @@ the ZeRO optimizer, optim/zero.py, at every stage 0-3), the step guard, validati
 split, touching neither the training RNG nor the training sample order), metrics,
 and checkpoints every N steps / T minutes, at the end and on SIGINT/SIGTERM. A stop
 signal lets the current step finish, saves, and returns normally (exit code 0).
+
+A step reads the device once (loss, gradient sum of squares and stop flag in one
+transfer) and times itself only when it is logged (CUDA events on a GPU), so a GPU
+never waits for the host in between; see `train_step`.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from megalite.checkpoint.sharding import load_trainer_state, partitioning, save_
 
 
 class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag checked between steps."""
+    """Turns SIGINT/SIGTERM into a flag; every rank reads it in the step's one transfer, so
+    all stop after the same step."""
 
     def __init__(self):
         self.received = None
