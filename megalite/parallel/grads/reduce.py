@@ -44,7 +44,7 @@ import torch
 
 from megalite.parallel import comm
 from megalite.parallel.grads.buckets import Bucket, BucketLayout
-from megalite.parallel.topology import Group, Topology
+from megalite.parallel.topology import Topology
 
 # ZeRO 2/3: bucket reduce-scatters in flight at once. Each holds its full-size bucket
 # gradient until it completes; folding the oldest into the shard before launching more
