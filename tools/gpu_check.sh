@@ -228,42 +228,36 @@ finish_tests() {
 }
 
 # ---- train, save, resume --------------------------------------------------------------
+# One part of stage_train (whose $log, $start and $slot_end it uses): a banner and the
+# command, under its limit, into the stage's log; a failure is recorded as the stage's.
+train_part() {  # train_part SECONDS WHAT TITLE COMMAND...
+  local seconds=$1 what=$2 title=$3 part_rc
+  shift 3
+  { banner "$title"; run_limited "$(limit "$seconds" "$slot_end")" "$@"; } >>"$log" 2>&1
+  part_rc=$?
+  [ "$part_rc" -eq 0 ] ||
+    record train FAIL "$start" "$what: $(explain "$part_rc") (train_resume.log)"
+  return "$part_rc"
+}
+
 stage_train() {
   local start=$SECONDS log="$OUT_DIR/train_resume.log" run="$WORK/tiny_run" rc check
   local args=(configs/tiny.yaml --train.device=cuda --train.precision=bf16 --parallel.zero=1
               --parallel.tp=1 --parallel.pp=1 --parallel.dp=1 --parallel.sp=1
               --checkpoint.every=10 --log.every=5 "--run.dir=$run")
-  {
-    banner "data: the default corpus of configs/tiny.yaml (prepared once into data_cache/)"
-    run_limited "$(limit 60 "$slot_end")" "$PY" -m megalite.preflight "${args[@]}" \
-      --train.steps=10
-  } >>"$log" 2>&1
-  rc=$?
-  if [ "$rc" -ne 0 ]; then
-    record train FAIL "$start" "data preparation: $(explain "$rc") (train_resume.log)"
-    return
-  fi
-  {
-    banner "train: steps 1-10 on CUDA, bf16, ZeRO 1, checkpoint at 10, MEGALITE_SYNC_DEBUG=1"
-    run_limited "$(limit 90 "$slot_end")" env MEGALITE_SYNC_DEBUG=1 "$PY" -m megalite.train \
-      "${args[@]}" --train.steps=10
-  } >>"$log" 2>&1
-  rc=$?
-  if [ "$rc" -ne 0 ]; then
-    record train FAIL "$start" "steps 1-10: $(explain "$rc") (train_resume.log)"
-    return
-  fi
-  {
-    banner "resume: steps 11-20 from the latest checkpoint, MEGALITE_SYNC_DEBUG=1"
-    run_limited "$(limit 60 "$slot_end")" env MEGALITE_SYNC_DEBUG=1 "$PY" -m megalite.train \
-      "${args[@]}" --train.steps=20 --resume_from_checkpoint latest
-  } >>"$log" 2>&1
+  train_part 60 "data preparation" \
+      "data: the default corpus of configs/tiny.yaml (prepared once into data_cache/)" \
+      "$PY" -m megalite.preflight "${args[@]}" --train.steps=10 || return
+  train_part 90 "steps 1-10" \
+      "train: steps 1-10 on CUDA, bf16, ZeRO 1, checkpoint at 10, MEGALITE_SYNC_DEBUG=1" \
+      env MEGALITE_SYNC_DEBUG=1 "$PY" -m megalite.train "${args[@]}" --train.steps=10 || return
+  train_part 60 "resumed steps 11-20" \
+      "resume: steps 11-20 from the latest checkpoint, MEGALITE_SYNC_DEBUG=1" \
+      env MEGALITE_SYNC_DEBUG=1 "$PY" -m megalite.train "${args[@]}" --train.steps=20 \
+      --resume_from_checkpoint latest
   rc=$?
   [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT_DIR/train_metrics.jsonl"
-  if [ "$rc" -ne 0 ]; then
-    record train FAIL "$start" "resumed steps 11-20: $(explain "$rc") (train_resume.log)"
-    return
-  fi
+  [ "$rc" -eq 0 ] || return
   if ! grep -q "resumed from .* at step 10" "$log"; then
     record train FAIL "$start" "the second run did not report resuming at step 10"
     return

@@ -241,14 +241,15 @@ class ZeroOptimizer(ZeroStateExchange):
     def prepare_step(self) -> tuple[float, bool]:
         """Finish the reductions, unscale (fp16), and return (global gradient norm,
         found_inf), equal on every rank; an overflow anywhere is seen everywhere. Reads
-        the norm to the host at once; the trainer instead batches `grad_sum_squares()`
-        with its other scalars into one transfer and hands the value to `set_norm`."""
-        return self.set_norm(self.grad_sum_squares().item())
+        the norm to the host at once; the trainer instead sums `local_grad_sum_squares()`
+        over the grid together with its other grid-wide sums, reads them in one
+        transfer and hands the value to `set_norm`."""
+        return self.set_norm(self.topo.all_reduce(self.local_grad_sum_squares()).item())
 
-    def grad_sum_squares(self) -> torch.Tensor:
-        """Finish the reductions, unscale (fp16), and return the global sum of squares
-        of the gradients (float64, on the device, the same on every rank) without
-        waiting for it."""
+    def local_grad_sum_squares(self) -> torch.Tensor:
+        """Finish the reductions, unscale (fp16), and return this rank's part of the sum
+        of squares of the gradients (float64, on the device, not waited for): summed over
+        every rank of the grid (`topo.all_reduce`) it is the global one."""
         self.grads.finish()
         if self.scaler is not None:
             (self.grads.shard if self.stage >= 2 else self.grads.full).mul_(self.scaler.inv_scale)
@@ -261,10 +262,10 @@ class ZeroOptimizer(ZeroStateExchange):
             # sum dots of 256K-element pieces (rel ~1e-8).
             for piece in g.split(1 << 18):
                 sum_sq += torch.dot(piece, piece)
-        return self.topo.all_reduce(sum_sq)
+        return sum_sq
 
     def set_norm(self, sum_squares: float) -> tuple[float, bool]:
-        """Take the host value of `grad_sum_squares()`: (grad norm, found_inf); updates
+        """Take the global sum of squares (host value): (grad norm, found_inf); updates
         the fp16 loss scale and arms `step`."""
         found_inf = not math.isfinite(sum_squares)
         if self.scaler is not None:

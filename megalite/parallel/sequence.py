@@ -28,7 +28,7 @@ import torch
 
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
-from megalite.parallel import comm
+from megalite.parallel import comm, regions
 from megalite.parallel.topology import Group, Topology
 
 
@@ -292,9 +292,9 @@ def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_g
         raise ConfigError(f"all-to-all attention needs the head counts on this rank "
                           f"(q {q.shape[1]}, kv {k.shape[1]}) divisible by sp={sp}; use "
                           f"parallel.sp_mode=ring or another sp.")
-    q, k, v = (comm.all_to_all(t, sp_group, scatter_dim=1, gather_dim=2) for t in (q, k, v))
+    q, k, v = (regions.all_to_all(t, sp_group, scatter_dim=1, gather_dim=2) for t in (q, k, v))
     out = attention_fn(q, k, v)
-    return comm.all_to_all(out, sp_group, scatter_dim=2, gather_dim=1)
+    return regions.all_to_all(out, sp_group, scatter_dim=2, gather_dim=1)
 
 
 def sequence_attention(mode: str, sp_group: Group, attention_fn):

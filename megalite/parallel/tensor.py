@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
-from megalite.parallel import comm
+from megalite.parallel import comm, regions
 from megalite.parallel.topology import Group, Topology
 
 
@@ -120,9 +120,9 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x):
         if self.sequence_parallel:
-            x = comm.gather_for_column(x, self.tp_group, dim=1)
+            x = regions.gather_for_column(x, self.tp_group, dim=1)
         else:
-            x = comm.copy_to_group(x, self.tp_group)
+            x = regions.copy_to_group(x, self.tp_group)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -140,9 +140,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
-            y = comm.reduce_scatter_to_group(y, self.tp_group, dim=1)
+            y = regions.reduce_scatter_to_group(y, self.tp_group, dim=1)
         else:
-            y = comm.reduce_from_group(y, self.tp_group)
+            y = regions.reduce_from_group(y, self.tp_group)
         return y if self.bias is None else y + self.bias
 
 
@@ -169,8 +169,8 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.masked_fill(outside, 0), self.weight)
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
-            return comm.reduce_scatter_to_group(out, self.tp_group, dim=1)
-        return comm.reduce_from_group(out, self.tp_group)
+            return regions.reduce_scatter_to_group(out, self.tp_group, dim=1)
+        return regions.reduce_from_group(out, self.tp_group)
 
 
 class SequenceShardedPositions(nn.Embedding):
@@ -215,7 +215,7 @@ class VocabParallelHead(ColumnParallelLinear):
                                             self.vocab_size)
 
     def full_logits(self, logits):
-        return comm.gather_from_group(logits, self.tp_group, dim=-1)[..., :self.vocab_size]
+        return regions.gather_from_group(logits, self.tp_group, dim=-1)[..., :self.vocab_size]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 
-def to_device(rows: np.ndarray, device: str) -> torch.Tensor:
-    """[N, S+1] token rows -> a device tensor, through pinned memory on CUDA."""
-    tokens = torch.from_numpy(rows)
+def read_rows(dataset, indices, device: str) -> torch.Tensor:
+    """The [N, S+1] token rows of `indices` as one device tensor, through pinned memory
+    on CUDA."""
+    tokens = torch.from_numpy(np.stack([dataset[i] for i in indices]))
     if device.startswith("cuda"):
         return tokens.pin_memory().to(device, non_blocking=True)
     return tokens.to(device)
@@ -31,9 +32,6 @@ class StagedBatches:
         self.dataset, self.sampler, self.device = dataset, sampler, device
         self._staged = None  # (sampler position it was read at, device tensor)
 
-    def _rows(self, indices) -> torch.Tensor:
-        return to_device(np.stack([self.dataset[i] for i in indices]), self.device)
-
     def next_step(self) -> tuple[list[int], torch.Tensor]:
         """(this rank's sample indices, their rows on the device); advances the sampler."""
         position = self.sampler.consumed_samples
@@ -41,10 +39,11 @@ class StagedBatches:
         if self._staged is not None and self._staged[0] == position:
             rows = self._staged[1]
         else:
-            rows = self._rows(indices)
+            rows = read_rows(self.dataset, indices, self.device)
         self._staged = None
         return indices, rows
 
     def stage_next(self) -> None:
         """Start reading and copying the next step's rows."""
-        self._staged = (self.sampler.consumed_samples, self._rows(self.sampler.peek_indices()))
+        self._staged = (self.sampler.consumed_samples,
+                        read_rows(self.dataset, self.sampler.peek_indices(), self.device))

@@ -23,7 +23,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from megalite.checkpoint import format as ckpt
@@ -42,7 +41,7 @@ from megalite.model.build import build_model
 from megalite.parallel.sequence import shard_batch
 from megalite.parallel.pipeline.engine import PipelineEngine
 from megalite.training.profiling import StepClock, StepProfiler, SyncDebug
-from megalite.training.staging import StagedBatches, to_device
+from megalite.training.staging import StagedBatches, read_rows
 from megalite.checkpoint.sharding import load_trainer_state, partitioning, save_trainer_state
 
 
@@ -121,8 +120,7 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------
     def _batch(self, dataset, indices):
-        return shard_batch(to_device(np.stack([dataset[i] for i in indices]), self.device),
-                           self.topo, self.cfg)
+        return shard_batch(read_rows(dataset, indices, self.device), self.topo, self.cfg)
 
     def _mean_over_replicas(self, value: torch.Tensor) -> torch.Tensor:
         """Average a per-rank loss over dp x sp on the device, so every rank logs and
@@ -175,11 +173,12 @@ class Trainer:
         loss_sum = self.forward_backward(self.micro_batches(indices), rows)
         clock.mark()
         cut = comm.marks(self._groups)
-        sum_sq = self.optimizer.grad_sum_squares()  # equal on every rank
-        flag = torch.full((1,), float(bool(stop and stop.received)), dtype=torch.float64,
+        flag = torch.full((), float(bool(stop and stop.received)), dtype=torch.float64,
                           device=self.topo.device)
-        scalars = torch.cat([self._mean_over_replicas(loss_sum), sum_sq.reshape(1),
-                             self.topo.all_reduce(flag)])
+        # both are sums over the whole grid: one reduction (equal on every rank after it)
+        grid_sums = self.topo.all_reduce(
+            torch.stack([self.optimizer.local_grad_sum_squares(), flag]))
+        scalars = torch.cat([self._mean_over_replicas(loss_sum), grid_sums])
         with self._sync_debug.allowed():
             loss, sum_squares, stopping = scalars.tolist()  # the step's one transfer
         grad_norm, found_inf = self.optimizer.set_norm(sum_squares)
