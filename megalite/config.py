@@ -59,6 +59,7 @@ class ParallelConfig:
     sp_mode: str = "ring"  # ring | all_to_all
     tp_sp: bool = False
     zero: int = 0
+    zero_shard: int = 0  # dp x sp ranks one ZeRO shard spans (0: all); fewer: hybrid sharding
     bucket_mb: float = 25.0  # gradient bucket size for the dp x sp reduction (MiB)
     overlap_grad_reduce: bool = True  # start each bucket's reduction while backward goes on
     schedule: str = "1f1b"  # gpipe | 1f1b | interleaved
@@ -375,6 +376,12 @@ def validate(cfg: Config) -> None:
     _check(p.zero != 3 or p.pp == 1,
            f"zero 3 with pp > 1 is not supported (parallel.pp={p.pp}); use zero 1 or 2 "
            f"(--parallel.zero=2) with pipeline parallelism.")
+    _check(p.zero_shard >= 0 and (p.zero_shard == 0 or (p.dp * p.sp) % p.zero_shard == 0),
+           f"parallel.zero_shard={p.zero_shard} must divide dp x sp = {p.dp * p.sp} (0: one "
+           f"shard over all of them): a shard spans zero_shard ranks, replicated over the rest.")
+    _check(p.zero > 0 or p.zero_shard in (0, p.dp * p.sp),
+           f"parallel.zero_shard={p.zero_shard} with parallel.zero=0: ZeRO 0 shards nothing; "
+           f"use --parallel.zero=1, 2 or 3 for hybrid sharding, or drop zero_shard.")
     _check(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be > 0 (MiB per gradient "
                             f"bucket; a huge value gives one bucket).")
     _check(0 <= t.loss_scale_init_pow <= 64,

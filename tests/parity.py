@@ -66,7 +66,7 @@ def trainer_on_layout(args):
     """(topology, trainer) for the layout in `args`; (None, None) on ranks outside it."""
     cfg, _ = parse_args(args)
     p = cfg.parallel
-    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=120)
+    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=120, zero_shard=p.zero_shard)
     return (topo, Trainer(cfg, topo=topo)) if topo is not None else (None, None)
 
 

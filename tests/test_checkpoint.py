@@ -27,7 +27,7 @@ from reference import reference_run
 from parity import FP64_RTOL, config_args
 
 FIRST = dict(dp=2, tp=2, pp=2, zero=1)
-OTHERS = [dict(), dict(tp=4, pp=2), dict(dp=4, zero=2), dict(sp=2, tp=2, pp=2)]
+OTHERS = [dict(), dict(tp=4, pp=2), dict(dp=4, zero=2, zero_shard=2), dict(sp=2, tp=2, pp=2)]
 
 
 def layout_args(layout):
@@ -44,7 +44,7 @@ def train_save(args, resume, steps):
     """Runs on every pool rank: resume (or start), train `steps`, save; losses, path."""
     cfg, _ = parse_args(args)
     p = cfg.parallel
-    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=120)
+    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=120, zero_shard=p.zero_shard)
     if topo is None:
         return None
     trainer = Trainer(cfg, resume=resume, topo=topo)

@@ -64,6 +64,12 @@ ZERO_LAYOUTS = [
     ("gpt2", {"tp": 2, "sp": 2, "tp_sp": "true", "train.recompute": "selective",
               "train.offload_activations": "true"}),
     ("llama", {"pp": 2, "tp": 2, "tp_sp": "true", "train.recompute": "full"}),
+    # hybrid sharding: shards over blocks of zero_shard ranks, replicated over the rest
+    ("llama", dict(dp=4, zero=3, zero_shard=2, bucket_mb=0.01)),
+    ("llama", dict(dp=4, zero=2, zero_shard=2)),
+    ("gpt2", dict(dp=4, zero=1, zero_shard=2, overlap_grad_reduce="false")),
+    ("llama", dict(dp=2, sp=2, zero=2, zero_shard=2, sp_mode="ring")),
+    ("llama", dict(dp=2, zero=1, zero_shard=1)),
 ]
 PIPELINE_MATRIX = [
     (preset, {"pp": pp, "schedule": schedule, "model.num_layers": 8,

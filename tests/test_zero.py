@@ -36,13 +36,13 @@ VOCAB, SEQ, BATCH, LR = 64, 16, 8, 1e-2
 
 
 def make_cfg(zero=0, dp=1, tp=1, sp=1, tp_sp=False, bucket_mb=100.0, overlap=True, micro=1, clip=0.0,
-             offload="none", precision="fp64", hysteresis=2, grad_dtype=None):
+             offload="none", precision="fp64", hysteresis=2, grad_dtype=None, zero_shard=0):
     mbs = BATCH // (dp * micro)
     overrides = {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2,
                  "model.vocab_size": VOCAB, "model.kernels": "torch", "model.attention": "eager",
                  "train.seq_len": SEQ, "train.micro_batch_size": mbs,
                  "train.global_batch_size": BATCH, "train.precision": precision,
-                 "parallel.zero": zero, "parallel.dp": dp, "parallel.tp": tp, "parallel.sp": sp,
+                 "parallel.zero": zero, "parallel.zero_shard": zero_shard, "parallel.dp": dp, "parallel.tp": tp, "parallel.sp": sp,
                  "parallel.tp_sp": tp_sp, "parallel.bucket_mb": bucket_mb,
                  "parallel.overlap_grad_reduce": overlap, "optim.clip_grad": clip,
                  "optim.offload": offload, "optim.lr": LR, "optim.weight_decay": 0.1,
@@ -91,7 +91,7 @@ def train_on_ranks(case: dict, steps: int = STEPS, inject_inf_step: int = -1, st
     `resume` = (global params, optimizer state tensors)); returns history, params, report."""
     cfg = make_cfg(**case)
     p = cfg.parallel
-    topo = build_topology(tp=p.tp, sp=p.sp, dp=p.dp, timeout_s=60)
+    topo = build_topology(tp=p.tp, sp=p.sp, dp=p.dp, timeout_s=60, zero_shard=p.zero_shard)
     if topo is None:
         return None
     model = build_model(cfg, topo, "cpu")
@@ -135,7 +135,8 @@ def train_on_ranks(case: dict, steps: int = STEPS, inject_inf_step: int = -1, st
         else:
             opt.step(LR)
         history.append((loss_sum.item() / topo.dp_sp_group.size, norm))
-    traffic = dict(topo.dp_sp_group.bytes)
+    traffic = dict(topo.zero_shard_group.bytes)
+    replica_traffic = dict(topo.zero_replica_group.bytes)
     params = {n: v.double() for n, v in opt.param_tensors().items()}
     state = opt.state_tensors()
     report = opt.memory_report()
@@ -144,7 +145,7 @@ def train_on_ranks(case: dict, steps: int = STEPS, inject_inf_step: int = -1, st
     destroy_topology(topo)
     return {"history": history, "params": params, "report": report, "psi": psi,
             "gathered_after_step": gathered, "state_tensors": state if topo.rank == 0 else None,
-            "step_count": opt.step_count, "traffic": traffic, "skipped": skipped, "scales": scales,
+            "step_count": opt.step_count, "traffic": traffic, "replica_traffic": replica_traffic, "skipped": skipped, "scales": scales,
             "grad_total": opt.layout.total, "state": {k: v.shape for k, v in state.items()}}
 
 
@@ -180,6 +181,11 @@ CASES = [  # zero x dp, with bucket / overlap / accumulation / clipping / offloa
     dict(zero=1, dp=2, tp=2, tp_sp=True, bucket_mb=0.01, micro=2, clip=0.3),
     dict(zero=2, dp=2, tp=2, bucket_mb=0.01, clip=0.3),
     dict(zero=3, dp=2, sp=2, bucket_mb=0.01, micro=2, clip=0.3),
+    # hybrid sharding: shards over blocks of zero_shard ranks, replicated over the others
+    dict(zero=1, dp=4, zero_shard=2, bucket_mb=0.01, clip=0.3),
+    dict(zero=2, dp=4, zero_shard=2, micro=2, clip=0.3),
+    dict(zero=3, dp=4, zero_shard=2, bucket_mb=0.01, micro=2),
+    dict(zero=2, dp=2, sp=2, zero_shard=2, bucket_mb=0.01, overlap=False),
 ]
 
 
@@ -197,7 +203,9 @@ def test_zero_matches_single_process_adamw(case, references):
     for r in results:
         assert_matches(r, ref_history, ref_params)
         # bytes held vs the ZeRO paper (fp64: param is its own master; Adam moments 16 B)
-        rep, n = r["report"], case["dp"] * case.get("sp", 1)
+        # n: the ranks a shard spans; the shards repeat over `replicas` blocks of them
+        rep, n = r["report"], case.get("zero_shard") or case["dp"] * case.get("sp", 1)
+        replicas = case["dp"] * case.get("sp", 1) // n
         assert r["gathered_after_step"] == 0  # ZeRO 3 freed every gathered layer
         psi, pad = rep["psi"], rep["padding_elements"]
         assert psi == r["psi"] and pad < rep["buckets"] * n * rep["align_elements"]
@@ -218,6 +226,11 @@ def test_zero_matches_single_process_adamw(case, references):
             assert r["traffic"]["reduce_scatter"] == STEPS * micro * grad_bytes
         if zero in (1, 2):
             assert r["traffic"]["all_gather"] >= STEPS * grad_bytes
+        # hybrid: each reduced chunk (1/n of a bucket) is summed over the replicas, and
+        # nothing else crosses the blocks (ZeRO 3's layer gathers stay inside one)
+        reductions = STEPS * (1 if zero == 1 else micro)
+        expected = {"all_reduce": reductions * grad_bytes // n} if replicas > 1 else {}
+        assert r["replica_traffic"] == expected
         assert {"embed.weight/exp_avg", "embed.weight/exp_avg_sq"} <= set(r["state"])
         assert r["state"]["embed.weight/exp_avg"] == ref_params["embed.weight"].shape
 

@@ -1,23 +1,30 @@
-"""Peak memory per rank under ZeRO 0-3, next to the ZeRO paper's formula.
+"""Peak memory per rank under ZeRO 0-3 (and hybrid sharding), next to the ZeRO formula.
 
-    python tools/bench_memory.py [--dp 4] [--hidden 768] [--layers 8] [--precision fp32] [--record]
+    python tools/bench_memory.py [--dp 4] [--hidden 768] [--layers 8] [--precision fp32]
+                                 [--zero 0 1 2 3] [--record] [--json FILE]
 
-For each ZeRO stage, dp gloo processes train a llama (hidden x layers, vocabulary
-8192) for 3 steps on random tokens through the project's ZeroOptimizer, then report
-per rank: the bytes of parameters, gradients and optimizer state the optimizer holds
-(measured from its tensors), the formula (Psi parameters of this rank; fp32: 4 + 4 + 8
-bytes per parameter, bf16/fp16: 2 + 4 (fp32 gradient buffers) + 12, each term divided
-by dp where the stage shards it) plus the stated bucket padding; the step transient:
-the peak RSS of steps 2-3 above the RSS before step 2 (activations, ZeRO 3 gathers,
-in-flight buckets, the AdamW temporaries, allocator slack; step 1 pages in code); and
-the set-up peak: RSS above the RSS before the model was built (after a warm-up
-forward/backward of a one-layer model), while the model is initialised and the
-optimizer takes the parameters over (it builds a full fp32 flat copy on every rank). With --record the
-table goes into BENCHMARKS.md. On a GPU (--device cuda) the CUDA peak is reported too.
+For each ZeRO stage (and ZeRO 3 with parallel.zero_shard = dp / 2: hybrid sharding),
+dp gloo processes start the way the trainer does (the model on the meta device, each
+rank's buffers filled with its own shards: sharded start-up), then train a llama
+(hidden x layers, vocabulary 8192) for 3 steps on random tokens through the project's
+ZeroOptimizer. Per rank (rank 0; the ranks agree to the byte): the bytes of
+parameters, gradients and optimizer state the optimizer holds (measured from its
+tensors); the ZeRO paper's formula (Psi parameters of this rank, N = the ranks a shard
+spans; fp32: 4 + 4 + 8 bytes per parameter, bf16/fp16: 2 + grad_dtype + 12, each term
+divided by N where the stage shards it) plus the bucket padding; the estimator's total
+for a step (planning/estimate.py: state + activations + buffers); and, as the kernel
+sees it (VmHWM from /proc/self/status, reset through /proc/self/clear_refs; tracemalloc
+does not see tensor storage), the start-up peak (above the resident size before the
+model is built, after a warm-up forward/backward of a one-layer model pages in torch's
+code) and the step peak (steps 2-3, above the same base; step 1 pages in the
+collectives' and optimizer's code). Target: start-up peak <= step peak under every
+stage. With --record the table goes into BENCHMARKS.md; --json writes the reports.
+On a GPU (--device cuda) the CUDA peaks are reported too.
 """
 
 import argparse
 import datetime
+import json
 import os
 import socket
 import sys
@@ -33,7 +40,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from megalite.config import load_config, resolve  # noqa: E402
 from megalite.optim.zero import ZeroOptimizer  # noqa: E402
-from megalite.model.build import build_model  # noqa: E402
+from megalite.model.build import build_meta_model, build_model, parameter_init  # noqa: E402
+from megalite.planning.estimate import estimate, prepare  # noqa: E402
 from megalite.parallel.topology import build_topology, destroy_topology  # noqa: E402
 
 VOCAB, SEQ, MICRO = 8192, 128, 2
@@ -52,15 +60,15 @@ def _reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _rank(rank, world, port, args, zero, out):
+def _rank(rank, world, port, args, zero, shard, out):
     try:
-        _measure_rank(rank, world, port, args, zero, out)
+        _measure_rank(rank, world, port, args, zero, shard, out)
     except BaseException:
         out.put((rank, traceback.format_exc()))
         raise
 
 
-def _measure_rank(rank, world, port, args, zero, out):
+def _measure_rank(rank, world, port, args, zero, shard, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -68,10 +76,11 @@ def _measure_rank(rank, world, port, args, zero, out):
                  "model.num_heads": args.hidden // 64, "model.vocab_size": VOCAB,
                  "model.kernels": "torch", "train.seq_len": SEQ, "train.micro_batch_size": MICRO,
                  "train.global_batch_size": MICRO * world, "train.precision": args.precision,
-                 "parallel.dp": world, "parallel.zero": zero, "parallel.bucket_mb": 25}
+                 "parallel.dp": world, "parallel.zero": zero, "parallel.zero_shard": shard,
+                 "parallel.bucket_mb": 25}
     cfg = load_config(None, [(k, str(v)) for k, v in overrides.items()])
     resolve(cfg, VOCAB, args.device)
-    topo = build_topology(dp=world, timeout_s=600)
+    topo = build_topology(dp=world, timeout_s=600, zero_shard=shard)
     # Warm up on a one-layer copy first: the first forward/backward pages in torch's
     # kernels (~200 MiB of code on this machine), which is not the model's memory.
     small = load_config(None, [*((k, str(v)) for k, v in overrides.items()),
@@ -81,18 +90,24 @@ def _measure_rank(rank, world, port, args, zero, out):
     warm = build_model(small, topo, args.device)
     warm(*(lambda t: (t[:, :-1], t[:, 1:]))(torch.randint(0, VOCAB, (MICRO, SEQ + 1)))).backward()
     del warm
-    base = _status_bytes("VmRSS")
-    if args.device == "cuda":
+    cuda = args.device == "cuda"
+    if cuda:
         torch.cuda.set_device(rank)
         torch.cuda.reset_peak_memory_stats()
-    model = build_model(cfg, topo, args.device)
-    opt = ZeroOptimizer(model, cfg, topo)
+    base = _status_bytes("VmRSS")
+    _reset_peak()
+    # the trainer's start-up: a meta model, each rank filling only what it holds
+    model = build_meta_model(cfg, topo)
+    opt = ZeroOptimizer(model, cfg, topo, init=parameter_init(model, cfg))
     built = _status_bytes("VmHWM") - base
+    cuda_built = torch.cuda.max_memory_allocated() if cuda else None
     g = torch.Generator().manual_seed(rank)
     for step in range(3):
         if step == 1:  # the first step pages in the collectives' and optimizer's code
             resident = _status_bytes("VmRSS")
             _reset_peak()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
         tokens = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=g).to(args.device)
         opt.zero_grad()
         with opt.micro_batch(is_last=True):
@@ -101,20 +116,24 @@ def _measure_rank(rank, world, port, args, zero, out):
         opt.step(1e-4)
     report = opt.memory_report()
     report["peak_build"] = built
-    report["peak_steps"] = _status_bytes("VmHWM") - resident
-    report["cuda_peak"] = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+    peak = _status_bytes("VmHWM")
+    report["peak_step"] = peak - base
+    report["step_transient"] = peak - resident
+    report["estimate_total"] = estimate(prepare(cfg))["memory_bytes"]["total"]
+    report["cuda_peak_build"] = cuda_built
+    report["cuda_peak_step"] = torch.cuda.max_memory_allocated() if cuda else None
     destroy_topology(topo)
     dist.destroy_process_group()
     out.put((rank, report))
 
 
-def measure(args, zero):
+def measure(args, zero, shard=0):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank, args=(r, args.dp, port, args, zero, out))
+    procs = [ctx.Process(target=_rank, args=(r, args.dp, port, args, zero, shard, out))
              for r in range(args.dp)]
     for p in procs:
         p.start()
@@ -128,22 +147,29 @@ def measure(args, zero):
 
 
 def table(args, results) -> str:
+    first = next(iter(results.values()))[0]
     lines = [f"Llama hidden {args.hidden}, {args.layers} layers, vocab {VOCAB} "
-             f"(Psi = {results[0][0]['psi']:,} parameters), dp = {args.dp}, {args.precision}, "
+             f"(Psi = {first['psi']:,} parameters), dp = {args.dp}, {args.precision}, "
              f"micro-batch {MICRO} x {SEQ} tokens. MiB per rank (rank 0; all ranks equal "
              f"to the byte).", "",
-             "| zero | params | grads | optimizer | total | formula (+ padding) | "
-             "step transient (peak RSS) | set-up peak RSS | CUDA peak |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for zero, reports in results.items():
+             "| zero | shard (x replicas) | params | grads | optimizer | total | formula "
+             "(+ padding) | estimator | start-up peak | step peak | step transient | "
+             "start-up <= step | CUDA start-up / step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (zero, shard), reports in results.items():
         r = reports[0]
         formula = sum(r[f"{t}_formula_bytes"] for t in ("params", "grads", "optimizer"))
         padding = sum(r[f"{t}_padding_bytes"] for t in ("params", "grads", "optimizer"))
-        cuda = f"{r['cuda_peak'] / MIB:.1f}" if r["cuda_peak"] else "n/a"
-        lines.append(f"| {zero} | {r['params_bytes'] / MIB:.1f} | {r['grads_bytes'] / MIB:.1f} | "
+        cuda = (f"{r['cuda_peak_build'] / MIB:.1f} / {r['cuda_peak_step'] / MIB:.1f}"
+                if r["cuda_peak_step"] else "n/a")
+        ok = "yes" if r["peak_build"] <= r["peak_step"] else "NO"
+        lines.append(f"| {zero} | {r['shards']} (x{r['replicas']}) | "
+                     f"{r['params_bytes'] / MIB:.1f} | {r['grads_bytes'] / MIB:.1f} | "
                      f"{r['optimizer_bytes'] / MIB:.1f} | {r['total_bytes'] / MIB:.1f} | "
                      f"{formula / MIB:.1f} (+{padding / MIB:.3f}) | "
-                     f"{r['peak_steps'] / MIB:.1f} | {r['peak_build'] / MIB:.1f} | {cuda} |")
+                     f"{r['estimate_total'] / MIB:.1f} | {r['peak_build'] / MIB:.1f} | "
+                     f"{r['peak_step'] / MIB:.1f} | {r['step_transient'] / MIB:.1f} | {ok} | "
+                     f"{cuda} |")
     return "\n".join(lines)
 
 
@@ -167,14 +193,22 @@ def main():
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--zero", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--record", action="store_true")
+    parser.add_argument("--json", help="write every rank's report to this file")
     args = parser.parse_args()
-    results = {zero: measure(args, zero) for zero in range(4)}
-    for zero, reports in results.items():
+    runs = [(zero, 0) for zero in args.zero]
+    if 3 in args.zero and args.dp >= 4 and args.dp % 2 == 0:
+        runs.append((3, args.dp // 2))  # hybrid: shards over half the ranks, two replicas
+    results = {run: measure(args, *run) for run in runs}
+    for run, reports in results.items():
         totals = {r["total_bytes"] for r in reports.values()}
-        assert len(totals) == 1, f"zero {zero}: ranks differ {totals}"
+        assert len(totals) == 1, f"zero {run}: ranks differ {totals}"
     text = table(args, results)
     print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"zero": z, "zero_shard": s, "ranks": reports} for (z, s), reports in results.items()]))
     if args.record:
         record(text, "python " + " ".join(sys.argv))
     return 0

@@ -11,9 +11,11 @@ Python's hash() of a str changes per process. A rank that holds only some rows o
 tensor (a column-parallel weight, a vocab-parallel embedding) draws only the blocks
 it touches with `init_tensor(..., rows=...)`; one that holds some columns (a
 row-parallel weight) passes `cols=` and draws the full rows of its blocks, one block
-at a time. `init_parameters` reads the metadata that `parallel.tensor` puts on every
-parameter (split dim, global shape, vocabulary padding) to find a rank's slice; pad
-rows are zero.
+at a time. `ParameterInit` reads the metadata that `parallel.tensor` puts on every
+parameter (split dim, global shape, vocabulary padding) to find a rank's slice (pad
+rows are zero) and draws any flat range of it on demand, so a rank can fill just its
+ZeRO shard of a model that exists only on the meta device; `init_parameters` fills a
+materialised model.
 
 Rules (GPT-2 / Megatron): linear and embedding weights normal(0, std); output
 projections (o_proj, down_proj, mlp c_proj), which add into the residual stream,
@@ -87,49 +89,70 @@ def _tp_shard(module: nn.Module) -> tuple[int, int]:
     return (group.rank, group.size) if group is not None else (0, 1)
 
 
-def _local_values(name: str, param: nn.Parameter, tp_rank: int, tp_size: int, seed: int,
-                  std: float) -> torch.Tensor:
-    """This rank's slice of the global tensor `name`, drawing only what it needs."""
+def _local_rows(name: str, param: nn.Parameter, rows: slice, tp_rank: int, tp_size: int,
+                seed: int, std: float) -> torch.Tensor:
+    """Rows `rows` of this rank's slice of the global tensor `name`, drawing only those."""
     global_shape = tuple(getattr(param, "global_shape", param.shape))
     split = getattr(param, "tp_split_dim", None)
     if split is None:
-        return init_tensor(name, global_shape, slice(None), seed, std)
+        return init_tensor(name, global_shape, rows, seed, std)
     held = local_range(param, tp_rank, tp_size)
-    # Clipped to the real rows: the part in the padding stays zero.
-    real = slice(min(held.start, global_shape[split]), min(held.stop, global_shape[split]))
-    values = torch.zeros(param.shape)
+    values = torch.zeros((rows.stop - rows.start, *param.shape[1:]))
     if split == 0:
-        values[:real.stop - real.start] = init_tensor(name, global_shape, real, seed, std)
+        # Clipped to the real rows: the part in the vocabulary padding stays zero.
+        first, last = (min(held.start + r, global_shape[0]) for r in (rows.start, rows.stop))
+        values[:last - first] = init_tensor(name, global_shape, slice(first, last), seed, std)
     else:
-        values[:, :real.stop - real.start] = init_tensor(name, global_shape, slice(None), seed,
-                                                         std, cols=real)
+        real = slice(min(held.start, global_shape[split]), min(held.stop, global_shape[split]))
+        values[:, :real.stop - real.start] = init_tensor(name, global_shape, rows, seed, std,
+                                                         cols=real)
     return values
+
+
+class ParameterInit:
+    """The initial value of any range of any parameter of `model`, drawn on demand.
+
+    `values(p, start, length)` is elements [start, start + length) of this rank's
+    flattened `p` (fp32, on the CPU), equal to the same elements of `init_parameters`'
+    result: only the row blocks that touch the range are drawn. The model may live on
+    the meta device: only names, shapes and the `parallel.tensor` metadata are read. So
+    the optimizer fills each rank's shards of a model that was never materialised
+    (sharded start-up: optim/zero.py). Names are the model's own parameter names, which
+    must be the global ones (a pipeline stage names its layers by their global index);
+    a tied weight takes its first name (`embed.weight`). `num_layers` (for the
+    output-projection scaling) defaults to `model.cfg.num_layers`.
+    """
+
+    def __init__(self, model: nn.Module, seed: int, std: float, num_layers: int | None = None):
+        self.seed, self.std = seed, std
+        self.num_layers = num_layers or model.cfg.num_layers
+        self.owner: dict[int, tuple[str, int, int]] = {}  # id(p) -> (name, tp rank, tp size)
+        for module_name, module in model.named_modules():
+            tp_rank, tp_size = _tp_shard(module)
+            for short_name, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{short_name}" if module_name else short_name
+                self.owner.setdefault(id(param), (name, tp_rank, tp_size))
+
+    def values(self, param: nn.Parameter, start: int, length: int) -> torch.Tensor:
+        name, tp_rank, tp_size = self.owner[id(param)]
+        constant = constant_value(name)
+        if constant is not None:
+            return torch.full((length,), constant)
+        row = math.prod(param.shape[1:])
+        first, last = start // row, -(-(start + length) // row)
+        std = normal_std(name, self.std, self.num_layers)
+        rows = _local_rows(name, param, slice(first, last), tp_rank, tp_size, self.seed, std)
+        offset = start - first * row
+        return rows.reshape(-1)[offset:offset + length]
 
 
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int, std: float, num_layers: int | None = None):
-    """Initialise every parameter of `model` in place from (seed, name).
+    """Initialise every (materialised) parameter of `model` in place from (seed, name).
 
-    Names are the model's own parameter names, which must be the global ones (a
-    pipeline stage names its layers by their global index). `num_layers` (for the
-    output-projection scaling) defaults to `model.cfg.num_layers`. A tied weight is
-    initialised once, under its first name (`embed.weight`). A parameter of a
-    tensor-parallel layer (a module with `tp_group`) gets this rank's slice of the
-    global tensor.
-    """
-    num_layers = num_layers or model.cfg.num_layers
-    done = set()
-    for module_name, module in model.named_modules():
-        tp_rank, tp_size = _tp_shard(module)
-        for short_name, param in module.named_parameters(recurse=False):
-            if id(param) in done:
-                continue
-            done.add(id(param))
-            name = f"{module_name}.{short_name}" if module_name else short_name
-            constant = constant_value(name)
-            if constant is not None:
-                param.fill_(constant)
-            else:
-                std_here = normal_std(name, std, num_layers)
-                values = _local_values(name, param, tp_rank, tp_size, seed, std_here)
-                param.copy_(values.to(param.dtype))
+    A parameter of a tensor-parallel layer (a module with `tp_group`) gets this rank's
+    slice of the global tensor; see `ParameterInit` for the names and ties."""
+    init = ParameterInit(model, seed, std, num_layers)
+    for param in {id(p): p for p in model.parameters()}.values():
+        values = init.values(param, 0, param.numel()).view(param.shape)
+        param.copy_(values.to(param.dtype))

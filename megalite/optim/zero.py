@@ -1,13 +1,18 @@
 """The ZeRO sharded AdamW optimizer (stages 0-3), mixed precision and CPU offload.
 
-`ZeroOptimizer(model, cfg, topo)` takes over a built, initialised model: it moves every
+`ZeroOptimizer(model, cfg, topo, init)` takes over a model: it puts every
 parameter into flat buffers laid out by `parallel.buckets.BucketLayout` (reverse
 registration order, buckets of `parallel.bucket_mb`, each padded to a multiple of
 dp*sp*ALIGN elements so it splits into equal chunks, rank r owning chunk r of every
 bucket), casts the parameters to `train.precision` and keeps the fp32 master copy
-itself (`train.precision: fp64` keeps gradients, master and moments in float64 too:
-the layout-parity tests run so), so build it after the model is initialised and on its
-device, and never call `model.to()` afterwards. Over the dp x sp group of N ranks (`parallel.zero`):
+itself. Sharded start-up: the model may live on the meta device (model/build.py's
+`build_meta_model`); each rank then allocates only its own buffers and fills what it
+holds from `init` (model/init.py's `ParameterInit`: any range of any parameter's
+layout-independent initial values), so no rank ever holds the whole local model, and
+the start-up peak is the state's bytes plus one INIT_PIECE. Without `init` the values
+are read from an initialised, materialised model on its device. Never call
+`model.to()` afterwards. `train.precision: fp64` keeps gradients, master and moments
+in float64 too (the layout-parity tests run so). Over the dp x sp group of N ranks (`parallel.zero`):
 
     stage  parameters (model dtype)  gradients          fp32 master + Adam moments
     0      full, all-reduced         full (grad_dtype)  full
@@ -65,6 +70,7 @@ import math
 import torch
 
 from kernels.reference import compute_dtype
+from megalite.errors import ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.parallel import comm
 from megalite.optim.zero3 import LayerGather
@@ -72,10 +78,21 @@ from megalite.optim.zero_state import ZeroStateExchange
 from megalite.parallel.grads.buckets import ALIGN, BucketLayout
 from megalite.parallel.grads.reduce import (GradBuffer, clip_coefficient,
                                     counts_in_norm)
+from megalite.parallel.tensor import swap_in
 from megalite.parallel.topology import Topology
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}
+
+
+# Elements drawn (or copied) at once while the optimizer fills its buffers at start-up:
+# 4 MiB of fp32, so the start-up transient stays far below any buffer it fills.
+INIT_PIECE = 1 << 20
+
+
+def _current_values(p: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Elements [start, start + length) of a materialised parameter, as it is now."""
+    return p.detach().reshape(-1)[start:start + length]
 
 
 def _adamw_kernel(device: torch.device, dtype: torch.dtype):
@@ -95,12 +112,18 @@ def _tied_embedding(model, topo: Topology) -> tuple:
 
 
 class ZeroOptimizer(ZeroStateExchange):
-    def __init__(self, model: torch.nn.Module, cfg, topo: Topology):
+    def __init__(self, model: torch.nn.Module, cfg, topo: Topology, init=None):
         par, train, optim = cfg.parallel, cfg.train, cfg.optim
         self.stage = par.zero  # zero 3 with pp > 1: rejected by config.validate
         self.cfg, self.topo, self.model = cfg, topo, model
-        self.group = topo.dp_sp_group
+        # The ranks one shard spans: dp x sp, or a block of it under hybrid sharding, with
+        # the shards replicated over topo.zero_replica_group.
+        self.group = topo.zero_shard_group
         self.n, self.rank = self.group.size, self.group.rank
+        if self.n != (par.zero_shard or topo.dp_sp_group.size):
+            raise ConfigError(f"parallel.zero_shard={par.zero_shard} but the topology's ZeRO "
+                              f"shard group has {self.n} ranks: build the topology with "
+                              f"build_topology(..., zero_shard={par.zero_shard}).")
         self.model_dtype = DTYPES[train.precision]
         # fp64 (tests, debugging): gradients, master and moments all float64 too
         self.grad_dtype = (torch.float64 if self.model_dtype == torch.float64
@@ -109,7 +132,8 @@ class ZeroOptimizer(ZeroStateExchange):
         self.offload = optim.offload == "cpu"
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in self.named]
-        self.device = params[0].device
+        # a meta model (sharded start-up) lives where the topology's collectives do
+        self.device = topo.device if params[0].is_meta else params[0].device
         self.opt_device = torch.device("cpu") if self.offload else self.device
         order = list(reversed(params))
         units = self._units(model, order) if self.stage == 3 else None
@@ -128,45 +152,50 @@ class ZeroOptimizer(ZeroStateExchange):
         self.space_rank = None if self.stage == 0 else self.rank
         self.space_numel = layout.total if self.stage == 0 else layout.shard_size
 
-        flat_master = torch.zeros(layout.total, dtype=self.master_dtype, device=self.device)
-        for p in params:
-            off = self.where[id(p)]
-            flat_master[off:off + p.numel()] = p.detach().reshape(-1)
+        # Each rank allocates its buffers and fills only what it holds from `init` (or from
+        # the parameters' current values): a meta model is never materialised whole, so
+        # the start-up peak is the state's own bytes plus one INIT_PIECE (sharded start-up).
+        values = init.values if init is not None else _current_values
         self.separate_master = self.model_dtype != self.master_dtype or self.offload
         self.param_flat = self.param_shard = None
         self.unit_full = {}
-        if self.stage < 3:
-            self.param_flat = flat_master.to(self.model_dtype, copy=True)
-            for p in params:
-                off = self.where[id(p)]
-                p.data = self.param_flat[off:off + p.numel()].view(p.shape)
-        else:
-            self.param_shard = self._extract(flat_master).to(self.model_dtype, copy=True)
-            for bucket in layout.buckets:
-                full = torch.empty(bucket.size, dtype=self.model_dtype, device=self.device)
-                for p, off in bucket.params:
-                    start = off - bucket.start
-                    p.data = full[start:start + p.numel()].view(p.shape)
-                full.untyped_storage().resize_(0)
-                self.unit_full[bucket.index] = full
         pin = self.offload and torch.cuda.is_available()
 
         def state_buffer():
             t = torch.zeros(self.space_numel, dtype=self.master_dtype, device=self.opt_device)
             return t.pin_memory() if pin else t
 
+        if self.stage < 3:
+            self.param_flat = self._filled(
+                torch.zeros(layout.total, dtype=self.model_dtype, device=self.device), None, values)
+        else:
+            self.param_shard = self._filled(
+                torch.zeros(layout.shard_size, dtype=self.model_dtype, device=self.device),
+                self.rank, values)
         self.master = None
-        if self.separate_master:
-            self.master = state_buffer()
-            self.master.copy_(self._extract(flat_master))
+        if self.separate_master:  # the exact fp32 values, not the model dtype's rounding
+            self.master = self._filled(state_buffer(), self.space_rank, values)
         elif self.stage in (0, 3):
             self.master = self.param_flat if self.stage == 0 else self.param_shard
-        del flat_master
+        # Only now do the parameters become views of the buffers (`values` may read them).
+        if self.stage < 3:
+            for p in params:
+                off = self.where[id(p)]
+                swap_in(p, self.param_flat[off:off + p.numel()].view(p.shape))
+        else:
+            for bucket in layout.buckets:
+                full = torch.empty(bucket.size, dtype=self.model_dtype, device=self.device)
+                for p, off in bucket.params:
+                    start = off - bucket.start
+                    swap_in(p, full[start:start + p.numel()].view(p.shape))
+                full.untyped_storage().resize_(0)
+                self.unit_full[bucket.index] = full
         self.exp_avg, self.exp_avg_sq = state_buffer(), state_buffer()
         self.runs = self._runs()
+        # Replicas hold the same reduced gradients: the first one counts them in the norm.
         self.norm_pieces = [(flat, space, length)
                             for p, _, flat, space, length in layout.pieces(self.rank)
-                            if counts_in_norm(p, topo)]
+                            if counts_in_norm(p, topo) and topo.zero_replica_group.rank == 0]
         self.step_count = 0
         self.scaler = DynamicLossScaler.from_config(cfg) if train.precision == "fp16" else None
         self.gather = LayerGather(self, model) if self.stage == 3 else None
@@ -189,6 +218,16 @@ class ZeroOptimizer(ZeroStateExchange):
         in_blocks = {id(p) for unit in blocks for p in unit}
         rest = [p for p in order if id(p) not in in_blocks]
         return [rest, *reversed(blocks)]
+
+    def _filled(self, target: torch.Tensor, rank: int | None, values) -> torch.Tensor:
+        """Write `values(p, start, length)` of what `rank` owns (None: everything) into
+        `target`, a buffer in that rank's space, INIT_PIECE elements at a time."""
+        with torch.no_grad():
+            for p, inside, _, space, length in self.layout.pieces(rank):
+                for off in range(0, length, INIT_PIECE):
+                    n = min(INIT_PIECE, length - off)
+                    target[space + off:space + off + n] = values(p, inside + off, n)
+        return target
 
     def _extract(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's part (its update space) of a flat-layout tensor."""
@@ -356,7 +395,8 @@ class ZeroOptimizer(ZeroStateExchange):
                              (self.exp_avg, self.exp_avg_sq,
                               self.master if self.separate_master else None) if t is not None)}
         per_elem = {"params": e_param, "grads": e_grad, "optimizer": e_opt}
-        report = {"zero": self.stage, "shards": n, "psi": psi, "padding_elements": pad,
+        report = {"zero": self.stage, "shards": n, "replicas": self.topo.zero_replica_group.size,
+                  "psi": psi, "padding_elements": pad,
                   "align_elements": ALIGN, "buckets": len(self.layout.buckets),
                   "optimizer_device": str(self.opt_device)}
         for term in ("params", "grads", "optimizer"):

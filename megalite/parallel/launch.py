@@ -84,7 +84,8 @@ def setup(cfg) -> tuple[Topology, str]:
         # process start-up is the one torch.distributed call outside comm.py
         dist.init_process_group(**process_group_options(device, cfg.parallel.timeout_s))
     p = cfg.parallel
-    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=p.timeout_s, device=device)
+    topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=p.timeout_s, device=device,
+                          zero_shard=p.zero_shard)
     return topo, device
 
 

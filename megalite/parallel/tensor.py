@@ -85,6 +85,21 @@ def _mark(p: nn.Parameter, split_dim, global_shape, vocab_padding: int = 0,
     return p
 
 
+def swap_in(param: nn.Parameter, data: torch.Tensor) -> None:
+    """Make `param` hold `data` (its storage: a view of a flat buffer stays one) on any
+    device, a meta parameter included, keeping the parameter object (ties, hooks, module
+    references) and its attributes (the metadata above)."""
+    if param.is_meta:  # `.data =` cannot leave the meta device: swap in an empty tensor
+        attributes = dict(param.__dict__)
+        empty = torch.empty(0, dtype=data.dtype, device=data.device)
+        torch.utils.swap_tensors(param, nn.Parameter(empty, param.requires_grad))
+        param.__dict__.update(attributes)
+    # `.data =` rather than a Parameter over the view: the parameter keeps its own version
+    # counter, so writing the buffer (ZeRO's all-gathers) does not invalidate the tensors
+    # autograd saved from it.
+    param.data = data
+
+
 def mark_replicated(model: nn.Module, sequence_parallel: bool = False) -> None:
     """Give every parameter no parallel layer annotated the metadata of a replicated one.
 
@@ -104,8 +119,9 @@ def _local_size(n: int, tp: int, what: str) -> int:
 
 
 def _placeholder(*shape) -> nn.Parameter:
-    # Real values come from megalite.model.init.init_parameters (layout-independent).
-    return nn.Parameter(torch.empty(shape).normal_(0.0, 0.02))
+    # Values come from megalite.model.init (layout-independent): nothing is drawn here,
+    # and the model is usually built on the meta device anyway.
+    return nn.Parameter(torch.empty(shape))
 
 
 class ColumnParallelLinear(nn.Module):

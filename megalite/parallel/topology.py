@@ -5,7 +5,8 @@
 TP varies fastest so a TP group sits inside one node. Groups: tp, sp, dp, pp; dp x sp
 (gradients and optimizer shards: SP ranks hold the same weights); tp x pp (the model-
 parallel group: one full model replica); embedding (first and last pipeline stage,
-for tied embeddings). Each is a `Group`: the torch process group plus its name, size,
+for tied embeddings); under hybrid sharding (`parallel.zero_shard` < dp x sp) the ZeRO
+shard and replica groups that split dp x sp. Each is a `Group`: the torch process group plus its name, size,
 this rank's index in it, and counters of the bytes its collectives move.
 
 Every process of the default group must take part in creating every group, so
@@ -44,6 +45,17 @@ class Topology:
     model_parallel_group: Group  # tp x pp
     embedding_group: Group
     device: torch.device = torch.device("cpu")  # where every tensor of a collective lives
+    # Hybrid sharding (parallel.zero_shard): ZeRO shards span `zero_shard_group`, blocks of
+    # consecutive dp x sp ranks, replicated over `zero_replica_group`. By default the shard
+    # group is dp x sp itself and the replica group is this rank alone.
+    zero_shard_group: Group | None = None
+    zero_replica_group: Group | None = None
+
+    def __post_init__(self):
+        if self.zero_shard_group is None:
+            self.zero_shard_group = self.dp_sp_group
+        if self.zero_replica_group is None:
+            self.zero_replica_group = Group("zero_replica", (self.rank,), 0, None, self.device)
 
     @property
     def world_size(self) -> int:
@@ -68,7 +80,8 @@ class Topology:
     @property
     def groups(self) -> list[Group]:
         return [self.tp_group, self.sp_group, self.dp_group, self.pp_group, self.dp_sp_group,
-                self.model_parallel_group, self.embedding_group]
+                self.model_parallel_group, self.embedding_group, self.zero_shard_group,
+                self.zero_replica_group]
 
     def all_reduce(self, x, op: str = "sum"):
         """In-place sum (or max) of `x` over every rank of the grid: dp x sp, then tp x pp
@@ -107,15 +120,32 @@ def _embedding_lists(tp: int, sp: int, dp: int, pp: int) -> list[list[int]]:
     return [sorted({members[0], members[-1]}) for members in _rank_lists(tp, sp, dp, pp, ("pp",))]
 
 
+def _zero_lists(tp: int, sp: int, dp: int, pp: int, shard: int) -> dict[str, list[list[int]]]:
+    """Hybrid sharding: each dp x sp group cut into blocks of `shard` consecutive members
+    (TP varies fastest in the grid, so a block spans shard * tp consecutive ranks: inside
+    a node when that is <= the GPUs of a node), and the replica groups across the blocks
+    (the members at the same place in each block)."""
+    lists = _rank_lists(tp, sp, dp, pp, GROUP_SHAPES["dp_sp"])
+    return {"zero_shard": [m[i:i + shard] for m in lists for i in range(0, len(m), shard)],
+            "zero_replica": [m[j::shard] for m in lists for j in range(shard)]}
+
+
 GROUP_SHAPES = {"tp": ("tp",), "sp": ("sp",), "dp": ("dp",), "pp": ("pp",),
                 "dp_sp": ("dp", "sp"), "model_parallel": ("pp", "tp")}
 
 
 def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
-                   timeout_s: float | None = None, device="cpu") -> Topology | None:
+                   timeout_s: float | None = None, device="cpu",
+                   zero_shard: int = 0) -> Topology | None:
     """Create every group for this layout over global ranks 0 .. tp*sp*dp*pp - 1; their
-    collectives take tensors on `device` (comm.py checks it)."""
+    collectives take tensors on `device` (comm.py checks it). `zero_shard`: dp x sp ranks
+    per ZeRO shard (0: all of them; parallel.zero_shard)."""
     size = tp * sp * dp * pp
+    shard = zero_shard or dp * sp
+    if (dp * sp) % shard:
+        raise ConfigError(f"parallel.zero_shard={zero_shard} does not divide dp x sp = "
+                          f"{dp * sp}: a ZeRO shard spans zero_shard data-parallel ranks and "
+                          f"the shards replicate over the rest; choose a divisor.")
     device = torch.device(device)
     initialised, me, world = comm.world()
     if size > world:
@@ -123,10 +153,12 @@ def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
                           f"ranks but the world has {world}; launch {size} processes "
                           f"(NPROC_PER_NODE x NNODES) or shrink the layout.")
     mine = {}
-    shapes = dict(GROUP_SHAPES)
-    for name in [*shapes, "embedding"]:
-        lists = (_embedding_lists(tp, sp, dp, pp) if name == "embedding"
-                 else _rank_lists(tp, sp, dp, pp, shapes[name]))
+    lists_of = {name: _rank_lists(tp, sp, dp, pp, varying)
+                for name, varying in GROUP_SHAPES.items()}
+    lists_of["embedding"] = _embedding_lists(tp, sp, dp, pp)
+    if shard < dp * sp:  # else the shard group is dp x sp and the replica group one rank
+        lists_of.update(_zero_lists(tp, sp, dp, pp, shard))
+    for name, lists in lists_of.items():
         for members in lists:
             # size-1 groups need no process group (their collectives are no-ops); the
             # condition is the same on every rank, so creation order stays in step
@@ -143,7 +175,8 @@ def build_topology(tp: int = 1, sp: int = 1, dp: int = 1, pp: int = 1,
     # Middle pipeline stages hold no embedding: their embedding group is just themselves.
     mine.setdefault("embedding", Group("embedding", (me,), 0, None, device))
     return Topology(tp, sp, dp, pp, me, mine["tp"], mine["sp"], mine["dp"], mine["pp"],
-                    mine["dp_sp"], mine["model_parallel"], mine["embedding"], device)
+                    mine["dp_sp"], mine["model_parallel"], mine["embedding"], device,
+                    mine.get("zero_shard"), mine.get("zero_replica"))
 
 
 def destroy_topology(topo: Topology | None) -> None:

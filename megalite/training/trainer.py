@@ -37,7 +37,7 @@ from megalite.training.metrics import (MetricsLogger, console_line, flops_per_to
 from megalite.optim.schedule import LRSchedule
 from megalite.optim.zero import ZeroOptimizer
 from megalite.parallel import comm
-from megalite.model.build import build_model
+from megalite.model.build import build_meta_model, parameter_init
 from megalite.parallel.sequence import shard_batch
 from megalite.parallel.pipeline.engine import PipelineEngine
 from megalite.training.profiling import StepClock, StepProfiler, SyncDebug
@@ -81,12 +81,15 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg, self.topo, self.device)
+        # Sharded start-up: the model exists on the meta device only until the optimizer
+        # gives each rank its buffers and fills just what that rank holds.
+        self.model = build_meta_model(cfg, self.topo)
         tp_sp_divisor = self.topo.tp if cfg.parallel.tp_sp else 1
         # Every layout runs through the engine: one stage (pp = 1) is its trivial case.
         self.pipeline = PipelineEngine(self.model, self.topo, tp_sp_divisor)
         # Takes the parameters over: flat buffers, model dtype, fp32 master, grad hooks.
-        self.optimizer = ZeroOptimizer(self.model, cfg, self.topo)
+        self.optimizer = ZeroOptimizer(self.model, cfg, self.topo,
+                                       init=parameter_init(self.model, cfg))
         self.schedule = LRSchedule.from_config(cfg)
         self.guard = StepGuard.from_config(cfg)
         self.sampler = BatchSampler(len(self.data.train), cfg.train.global_batch_size,

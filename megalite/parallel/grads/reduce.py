@@ -9,7 +9,10 @@ gradient of the global batch:
 - over dp x sp, averaging: data-parallel replicas saw other samples, sequence-parallel
   replicas other tokens of the same samples, every rank the same number of tokens.
 All three are linear, so their order does not matter: the dp x sp reduction runs per
-bucket while backward goes on, the other two run once in `GradBuffer.finish`.
+bucket while backward goes on, the other two run once in `GradBuffer.finish`. Under
+hybrid sharding (`parallel.zero_shard` < dp x sp) the dp x sp sum is two: a
+reduce-scatter over the ZeRO shard group (inside a node), then an all-reduce of each
+reduced chunk over the replica group (across nodes: 1/zero_shard of the bytes).
 
 The flat layout of parameters, buckets and per-rank chunks is `parallel/buckets.py`'s.
 
@@ -57,7 +60,9 @@ class GradBuffer:
                  shard: bool, overlap: bool = True, tied: tuple = (), scatter: bool = False,
                  on_bucket_complete=None, on_backward_end=None):
         self.layout, self.topo, self.dtype, self.device = layout, topo, dtype, device
-        self.group = topo.dp_sp_group
+        # ZeRO's shards span the shard group; under hybrid sharding (parallel.zero_shard)
+        # each reduced chunk is then summed over the replica group too.
+        self.group, self.replicas = topo.zero_shard_group, topo.zero_replica_group
         self.shard_mode, self.overlap = shard, overlap
         self.scatter = scatter or shard  # reduce-scatter rather than all-reduce
         self.on_bucket_complete, self.on_backward_end = on_bucket_complete, on_backward_end
@@ -127,9 +132,12 @@ class GradBuffer:
         group, n = self.group, self.group.size
         if not self.shard_mode:
             self.launched[bucket.index] = True
-            if n == 1:
-                return
             view = self.full[bucket.start:bucket.start + bucket.size]
+            if n == 1:  # nothing to scatter; with replicas, `_advance` sums the bucket
+                if self.replicas.size > 1:
+                    self.pending.append(comm.Pending(None, group, "reduce_scatter", key=bucket,
+                                                     out=view))
+                return
             if self.scatter:
                 out = torch.empty(bucket.chunk_size(n), dtype=self.dtype, device=self.device)
                 work = comm.reduce_scatter_async(out, view, group)
@@ -155,14 +163,30 @@ class GradBuffer:
             self._complete(self.pending[0])
 
     def _complete(self, pending: comm.Pending) -> None:
+        """Wait for `pending` (and its sum over the replicas) and fold it in."""
+        while pending is not None:
+            pending = self._advance(pending)
+
+    def _advance(self, pending: comm.Pending) -> comm.Pending | None:
+        """Wait for `pending`. A shard-group reduction under hybrid sharding then starts
+        the sum of its chunk over the replica group, queued in its place (returned);
+        anything else folds into the gradient and leaves the queue."""
         pending.wait()
+        index = self.pending.index(pending)
+        if pending.out is not None and pending.group is self.group and self.replicas.size > 1:
+            work = comm.all_reduce_async(pending.out, self.replicas)
+            follow = comm.Pending(work, self.replicas, "all_reduce", key=pending.key,
+                                  out=pending.out, keep=pending.keep)
+            self.pending[index] = follow
+            return follow
+        del self.pending[index]
         if pending.out is not None and self.shard_mode:
             start = self.layout.shard_offset(pending.key)
             self.shard[start:start + pending.out.numel()].add_(pending.out)
         elif pending.out is not None:
             start, end = self.layout.chunk(pending.key, self.group.rank)
             self.full[start:end].copy_(pending.out)
-        self.pending.remove(pending)
+        return None
 
     def _wait_all(self) -> None:
         for pending in list(self.pending):
@@ -178,8 +202,9 @@ class GradBuffer:
                 self._launch(bucket)
         self._wait_all()
         grads = self.shard if self.shard_mode else self.full
-        if self.group.size > 1:
-            grads.mul_(1.0 / self.group.size)
+        replicas = self.topo.dp_sp_group.size  # every rank's tokens, hybrid or not
+        if replicas > 1:
+            grads.mul_(1.0 / replicas)
         self._sum_sequence_parallel()
         for bucket in self.tied_buckets:
             comm.all_reduce(self._owned_view(bucket), self.topo.embedding_group)
