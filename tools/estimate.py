@@ -8,8 +8,10 @@
 No data or weights are read: give model.vocab_size. The device is train.device, cuda
 when it is auto. Without --plan: parameters, FLOPs per iteration and the bytes per
 rank of every pipeline stage (params, grads, optimizer, activations, buffers), the
-most loaded first in --json's `memory_bytes`. With --plan: the fastest layouts of
-nodes x gpus-per-node GPUs that fit, each with the launch.sh command that runs it.
+most loaded first in --json's `memory_bytes`, and the ZeRO shard size and replica
+count (`zero_shard_size`, `zero_replicas`: parallel.zero_shard's hybrid sharding).
+With --plan: the fastest layouts of nodes x gpus-per-node GPUs that fit, each with the
+launch.sh command that runs it (shard: zero_shard, "all" for one shard over dp x sp).
 Bandwidths are GB/s per GPU in one direction. See docs/estimate.md.
 """
 
@@ -90,6 +92,9 @@ def print_estimate(result: dict, cfg) -> None:
     layout = " ".join(f"{k.split('.')[1]}={v}" for k, v in result["layout"].items())
     print(f"layout: {layout}, {t.precision}, {result['device']}, kernels={m.kernels}, "
           f"attention={m.attention}, {cfg.grad_accum_steps} micro-batches per step")
+    if cfg.parallel.zero:
+        print(f"ZeRO {cfg.parallel.zero}: state sharded over {result['zero_shard_size']} "
+              f"ranks, {result['zero_replicas']} replica(s) of each shard")
     header = ["stage", *MEMORY_KEYS, "total", "in flight"]
     print("GiB per rank  " + "".join(f"{h:>12}" for h in header[1:]))
     for stage in result["stages"]:
@@ -110,14 +115,16 @@ def print_plans(plans: list[dict], cluster: Cluster) -> None:
           f"{cluster.gpu_memory_gb} GiB, {cluster.peak_tflops} TFLOP/s at "
           f"{cluster.efficiency:.0%}, {cluster.intra_gbps}/{cluster.inter_gbps} GB/s")
     print(f"{'#':>2} {'tp':>3} {'pp':>3} {'dp':>4} {'sp':>3} {'v':>2} {'mbs':>3} {'zero':>4} "
-          f"{'recompute':>9} {'GiB':>7} {'step s':>8} {'bubble':>7} {'comm':>7} {'MFU':>6}")
+          f"{'shard':>5} {'recompute':>9} {'GiB':>7} {'step s':>8} {'bubble':>7} {'comm':>7} "
+          f"{'MFU':>6}")
     for i, p in enumerate(plans, 1):
         lay, times = p["layout"], p["step_time"]
         comm = sum(times[k] for k in ("tp_comm", "sp_comm", "pp_comm", "dp_comm"))
         print(f"{i:>2} {lay['parallel.tp']:>3} {lay['parallel.pp']:>3} {lay['parallel.dp']:>4} "
               f"{lay['parallel.sp']:>3} {lay['parallel.virtual_stages']:>2} "
               f"{lay['train.micro_batch_size']:>3} {lay['parallel.zero']:>4} "
-              f"{lay['train.recompute']:>9} {p['memory_bytes']['total'] / GIB:7.1f} "
+              f"{lay['parallel.zero_shard'] or 'all':>5} {lay['train.recompute']:>9} "
+              f"{p['memory_bytes']['total'] / GIB:7.1f} "
               f"{times['total']:8.3f} {times['bubble']:7.3f} {comm:7.3f} {p['mfu']:6.1%}")
         print(f"   {p['command']}")
 

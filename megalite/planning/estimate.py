@@ -7,8 +7,10 @@ hardware FLOPs of one global batch, and the bytes each pipeline stage holds per 
   padding included by laying the rank's parameters out with the same `BucketLayout`:
   model-dtype parameters, gradients in train.grad_dtype (a shard of them under ZeRO 2/3),
   8 bytes of Adam moments plus a 4-byte fp32 master when the model is not fp32.
-  ZeRO 1 shards the optimizer over N = dp * sp, 2 also the gradients, 3 also the
-  parameters (the ZeRO paper's Psi / N terms).
+  ZeRO 1 shards the optimizer over N ranks, 2 also the gradients, 3 also the
+  parameters (the ZeRO paper's Psi / N terms). N = dp * sp, or parallel.zero_shard
+  under hybrid sharding (the shards replicated over dp * sp / N blocks); the estimate
+  names both (`zero_shard_size`, `zero_replicas`).
 - activations: every tensor autograd keeps for backward, itemised from what
   model.py, parallel/tensor.py, parallel/sequence.py and the kernels really save
   (`layer_items`), times the micro-batches in flight on that stage, found by running
@@ -34,7 +36,7 @@ from megalite.config import Config, resolve
 from megalite.errors import ConfigError
 from megalite.training.metrics import flops_per_token
 from megalite.planning.state import (BYTES, vocab_rows, param_count, stage_layers,
-                                     state_bytes)
+                                     state_bytes, zero_groups)
 from megalite.parallel.pipeline.schedules import SCHEDULES, most_waiting
 from megalite.parallel.sequence import check_sp_layout
 from megalite.parallel.tensor import check_tp_layout
@@ -326,7 +328,9 @@ def estimate(cfg: Config, exact: bool = True) -> dict:
     ranks = range(p.pp) if exact else sorted({0, p.pp - 1})
     stages = [stage_memory(cfg, r, exact) for r in ranks]
     worst = max(stages, key=lambda st: st["memory_bytes"]["total"])
+    shard, replicas = zero_groups(cfg)
     return {"param_count": param_count(cfg), **flops(cfg),
+            "zero_shard_size": shard, "zero_replicas": replicas,
             "memory_bytes": worst["memory_bytes"], "most_loaded_stage": worst["pp_rank"],
             "stages": stages,
             "activation_items": {"layer": layer_items(cfg), "embedding": embedding_items(cfg),

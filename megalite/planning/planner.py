@@ -1,5 +1,6 @@
-"""Layout planner: enumerate (tp, pp, dp, sp, zero, micro-batch, recompute, virtual
-stages) for a model, a global batch and a cluster, keep what fits, rank by step time.
+"""Layout planner: enumerate (tp, pp, dp, sp, zero, zero_shard, micro-batch, recompute,
+virtual stages) for a model, a global batch and a cluster, keep what fits, rank by step
+time.
 
 The step time of a layout (`step_time`) is a sum of:
 - compute: hardware FLOPs (estimate.flops: recomputation included) of the busiest
@@ -18,12 +19,20 @@ The step time of a layout (`step_time`) is a sum of:
   - dp x sp: the gradient reduction hidden behind one backward (ZeRO 0/1: the last
     micro-batch's; 2/3: every micro-batch's), the parameter all-gather after the step
     (ZeRO 1/2) exposed, ZeRO 3's per-block gathers hidden behind forward and backward.
+    Under hybrid sharding (parallel.zero_shard = N < dp * sp) what ZeRO does over the
+    shard group (reduce-scatter, all-gathers) runs over N ranks at the bandwidth of their
+    span N * tp, and each reduced chunk (1/N of the gradient bytes) is then all-reduced
+    over the dp * sp / N replicas, whose group spans all of dp x sp (inter-node when
+    that leaves a node); the two add up (modelled one after the other).
 Memory is estimate.stage_memory's (bucket padding left out) against `USABLE_FRACTION`
 of the GPU (the rest: CUDA context, NCCL buffers, allocator fragmentation).
 
 The search keeps tp inside a node and turns tp_sp on whenever tp > 1 (same traffic,
-less memory); zero 0 and 1 move the same bytes, so both are tried. `only` restricts any
-layout key to given values (e.g. the features a paper had).
+less memory); zero 0 and 1 move the same bytes, so both are tried. When dp x sp leaves
+a node, zero 1-3 are also tried hybrid (`hybrid_shard`): shards over the largest block
+of dp x sp that stays in a node, so the shard group's traffic (all of ZeRO 3's gathers)
+uses the intra-node bandwidth and only an all-reduce of 1/N of the gradient crosses
+nodes. `only` restricts any layout key to given values (e.g. the features a paper had).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 from megalite.config import Config
 from megalite.errors import ConfigError
 from megalite.planning.estimate import BYTES, check_layout, flops, stage_memory, state_bytes
+from megalite.planning.state import zero_groups
 
 USABLE_FRACTION = 0.9
 MICRO_BATCH_SIZES = (1, 2, 4, 8)
@@ -122,20 +132,24 @@ def step_time(cfg: Config, cluster: Cluster) -> dict:
 
 
 def _dp_time(cfg: Config, cluster: Cluster, t_fwd: float, t_bwd: float) -> float:
+    """Exposed seconds of the dp x sp traffic of one step (see the module docstring)."""
     p, t = cfg.parallel, cfg.train
     n, micro = p.dp * p.sp, cfg.grad_accum_steps
     if n == 1:
         return 0.0
-    bandwidth = cluster.bandwidth(p.tp * n)
+    shard, replicas = zero_groups(cfg)
+    # A replica group's members sit one shard block apart, so it spans all of dp x sp.
+    shard_bw, replica_bw = cluster.bandwidth(p.tp * shard), cluster.bandwidth(p.tp * n)
     psi = state_bytes(cfg, 0, exact=False)["psi"]
     grads = psi * BYTES[t.grad_dtype]  # buckets reduce in grad_dtype (ZeRO 2/3 add to fp32)
     params = psi * BYTES[t.precision]
     if p.zero == 0:
-        return max(0.0, _ring(grads, n, bandwidth, True) - t_bwd)
-    gather = _ring(params, n, bandwidth)
+        return max(0.0, _ring(grads, n, replica_bw, True) - t_bwd)
+    reduce = _ring(grads, shard, shard_bw) + _ring(grads / shard, replicas, replica_bw, True)
+    gather = _ring(params, shard, shard_bw)
     if p.zero == 1:
-        return max(0.0, _ring(grads, n, bandwidth) - t_bwd) + gather
-    exposed = micro * max(0.0, _ring(grads, n, bandwidth) - t_bwd)
+        return max(0.0, reduce - t_bwd) + gather
+    exposed = micro * max(0.0, reduce - t_bwd)
     if p.zero == 2:
         return exposed + gather
     return exposed + micro * (max(0.0, gather - t_fwd) + max(0.0, gather - t_bwd))
@@ -143,6 +157,16 @@ def _dp_time(cfg: Config, cluster: Cluster, t_fwd: float, t_bwd: float) -> float
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def hybrid_shard(dp_sp: int, tp: int, cluster: Cluster) -> int:
+    """The zero_shard that keeps a ZeRO shard group in a node, or 0 when dp x sp fits in
+    one anyway or no block of more than one rank does: the largest divisor N of dp * sp
+    whose N * tp ranks divide a node (so that no block straddles two nodes)."""
+    if dp_sp * tp <= cluster.gpus_per_node:
+        return 0
+    shard = max(d for d in _divisors(dp_sp) if cluster.gpus_per_node % (d * tp) == 0)
+    return shard if shard > 1 else 0  # a shard of one rank is ZeRO 0's memory
 
 
 def candidates(cfg: Config, cluster: Cluster):
@@ -155,7 +179,10 @@ def candidates(cfg: Config, cluster: Cluster):
                 if cluster.world % (tp * pp * sp):
                     continue
                 dp = cluster.world // (tp * pp * sp)
-                for zero in (0, 1, 2, 3) if pp == 1 else (0, 1, 2):
+                hybrid = hybrid_shard(dp * sp, tp, cluster)
+                shardings = [(zero, shard) for zero in ((0, 1, 2, 3) if pp == 1 else (0, 1, 2))
+                             for shard in ((0, hybrid) if zero and hybrid else (0,))]
+                for zero, shard in shardings:
                     for v in VIRTUAL_STAGES if pp > 1 else (1,):
                         for mbs in MICRO_BATCH_SIZES:
                             micro, rest = divmod(t.global_batch_size, mbs * dp)
@@ -163,15 +190,17 @@ def candidates(cfg: Config, cluster: Cluster):
                                     (v > 1 and micro % pp):
                                 continue
                             for recompute in RECOMPUTE:
-                                candidate = _with_layout(cfg, tp, pp, dp, sp, zero, v, mbs,
-                                                         recompute)
+                                candidate = _with_layout(cfg, tp, pp, dp, sp, (zero, shard),
+                                                         v, mbs, recompute)
                                 if candidate is not None:
                                     yield candidate
 
 
-def _with_layout(cfg, tp, pp, dp, sp, zero, v, mbs, recompute) -> Config | None:
+def _with_layout(cfg, tp, pp, dp, sp, sharding, v, mbs, recompute) -> Config | None:
+    zero, zero_shard = sharding
     parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp, dp=dp, sp=sp, zero=zero,
-                                   tp_sp=tp > 1, virtual_stages=v, stage_layers="",
+                                   zero_shard=zero_shard, tp_sp=tp > 1, virtual_stages=v,
+                                   stage_layers="",
                                    schedule="interleaved" if v > 1 else "1f1b")
     train = dataclasses.replace(cfg.train, micro_batch_size=mbs, recompute=recompute)
     candidate = dataclasses.replace(cfg, parallel=parallel, train=train)
@@ -183,8 +212,8 @@ def _with_layout(cfg, tp, pp, dp, sp, zero, v, mbs, recompute) -> Config | None:
 
 
 LAYOUT_KEYS = ("parallel.tp", "parallel.pp", "parallel.dp", "parallel.sp", "parallel.tp_sp",
-               "parallel.zero", "parallel.schedule", "parallel.virtual_stages",
-               "train.micro_batch_size", "train.recompute")
+               "parallel.zero", "parallel.zero_shard", "parallel.schedule",
+               "parallel.virtual_stages", "train.micro_batch_size", "train.recompute")
 
 
 def layout_of(cfg: Config) -> dict:

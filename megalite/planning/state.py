@@ -3,7 +3,10 @@
 Parameter shapes per pipeline rank as the model builds them, the parameter count
 (Narayanan et al. 2021), and the ZeroOptimizer's bytes laid out with its own
 BucketLayout (padding included), plus its transient buffers (ZeRO 3 gathers, gradient
-buckets). megalite/planning/estimate.py builds the whole estimate on top.
+buckets). Every sharded term divides by the ZeRO shard size N (`zero_groups`): dp * sp,
+or parallel.zero_shard under hybrid sharding, where the shards are replicated over
+dp * sp / N blocks and so cost each rank as much as one shard of N.
+megalite/planning/estimate.py builds the whole estimate on top.
 """
 
 from __future__ import annotations
@@ -72,6 +75,14 @@ def rank_params(cfg: Config, pp_rank: int, blocks: bool = True) -> list[tuple[in
     return out
 
 
+def zero_groups(cfg: Config) -> tuple[int, int]:
+    """(ranks one ZeRO shard spans, replicas of each shard): (dp * sp, 1) unless
+    parallel.zero_shard makes the sharding hybrid."""
+    n = cfg.parallel.dp * cfg.parallel.sp
+    shard = cfg.parallel.zero_shard or n
+    return shard, n // shard
+
+
 def param_count(cfg: Config) -> int:
     """Parameters of the whole model, a tied weight once, unpadded vocabulary."""
     m = cfg.model
@@ -97,7 +108,7 @@ def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
     """Flat-buffer sizes of a rank: total, shard and the ZeRO 3 units (padding included
     when `exact`, by building ZeroOptimizer's BucketLayout from the parameter sizes)."""
     p = cfg.parallel
-    n = p.dp * p.sp
+    n, _ = zero_groups(cfg)  # zero.py lays its buckets out over the shard group
     if not exact:
         rest = sum(k for _, k in rank_params(cfg, pp_rank, blocks=False))
         block = sum(_block_params(cfg.model, p.tp))
@@ -136,10 +147,11 @@ def state_bytes(cfg: Config, pp_rank: int, exact: bool = True) -> dict:
     the ZeRO transients: gathered blocks and gradient bucket buffers."""
     p, t = cfg.parallel, cfg.train
     lay = _layout(cfg, pp_rank, exact)
-    e, g, n, master = BYTES[t.precision], BYTES[t.grad_dtype], p.dp * p.sp, _master_bytes(cfg)
+    n, replicas = zero_groups(cfg)
+    e, g, master = BYTES[t.precision], BYTES[t.grad_dtype], _master_bytes(cfg)
     separate_master = e != master or cfg.optim.offload == "cpu"
     opt_numel = lay["total"] if p.zero == 0 else lay["shard"]
-    out = {"psi": lay["psi"],
+    out = {"psi": lay["psi"], "zero_shard_size": n, "zero_replicas": replicas,
            "params": e * (lay["total"] if p.zero < 3 else lay["shard"]),
            "grads": g * lay["total"] if p.zero < 2 else g * lay["shard"],
            "optimizer": master * (2 + separate_master) * opt_numel, "host_optimizer": 0}
@@ -153,7 +165,7 @@ def state_bytes(cfg: Config, pp_rank: int, exact: bool = True) -> dict:
         # holding its full-size bucket gradient (and its output chunk), at most.
         buffers["grad_buckets"] = min(g * lay["total"], (MAX_IN_FLIGHT + 1) * g * (
             lay["largest_bucket"] * (1 + (1 / n if n > 1 else 0))))
-    elif p.zero == 1 and n > 1:  # reduce-scatter outputs of the last backward
+    elif p.zero == 1 and n > 1:  # reduce-scatter outputs (a shard of 1 all-reduces in place)
         buffers["grad_buckets"] = g * lay["shard"]
     out["buffers"] = buffers
     return out
