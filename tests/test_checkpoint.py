@@ -126,12 +126,12 @@ def test_reshard_rejects_a_layout_the_model_cannot_take(tmp_path, first_checkpoi
 KILL_DURING_SAVE = """
 import os, signal, sys
 from megalite.checkpoint import format as checkpoint
-write_part = checkpoint.write_part
-def killed_mid_save(tmp, rank, files):
-    write_part(tmp, rank, files)
-    if rank == 1 and tmp.name.startswith("step_0000004"):
+close = checkpoint.PartWriter.close
+def killed_mid_save(self):
+    close(self)
+    if self.rank == 1 and self.tmp.name.startswith("step_0000004"):
         os.kill(os.getpid(), signal.SIGKILL)  # files written, part reported, no commit
-checkpoint.write_part = killed_mid_save
+checkpoint.PartWriter.close = killed_mid_save
 from megalite.train import main
 sys.exit(main())
 """

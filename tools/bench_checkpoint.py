@@ -1,15 +1,24 @@
 """Checkpoint save / load throughput next to the raw disk speed, measured the same way.
 
-    python tools/bench_checkpoint.py [--gb 3] [--files 8] [--dir /tmp/megalite_ckpt_bench] [--record]
+    python tools/bench_checkpoint.py [--gb 3] [--writers 8] [--bucket_mb 25]
+                                     [--dir /tmp/megalite_ckpt_bench] [--record]
 
-Writes a synthetic trainer state of about --gb GB (fp32 parameters plus two Adam
-moments, as `--files` writers of a layout would hold them: each file its own slices)
-through the project's format (checkpoint.write_part + commit: safetensors, fsync,
-sha256, index, atomic rename), then reads every tensor back through CheckpointReader
-(checksum verified before the first read of each file). Raw disk: the same bytes
-written with plain write() + fsync into as many files, and read back with read(). The
-page cache is dropped before each read where the process may (root on Linux);
-otherwise the read numbers are from memory and the table says so.
+A synthetic trainer state of about --gb GB, laid out as format 3 stores it for a
+data-parallel group of --writers ranks under ZeRO 1 (tp = pp = 1): transformer-shaped
+fp32 parameters (hidden 768) in gradient buckets of --bucket_mb MiB
+(parallel/grads/buckets.py `BucketLayout`, the trainer's own), each rank holding its
+chunk of every bucket's two Adam moments. Saving, as the trainer does: rank 0 writes
+each bucket's parameters as boxes (model-00000-BBBB), every rank its chunk of each
+bucket's moments as flat pieces (optim-RRRRR-BBBB, a piece per parameter range, with
+its sha256), plus its RNG file, through PartWriter and commit (safetensors, fsync,
+file and piece sha256, index, atomic rename). Loading, as a resume in the same
+layout does: every model tensor read whole, and every rank's flat ranges rebuilt from
+the boxes `flat.runs` gives through CheckpointReader.read (files checked before their
+first read, each flat piece against its own sha256), then compared with what was
+saved. Raw disk: the same bytes in the same files written with plain write() + fsync
+and read back with read(). The page cache is dropped before each read where the
+process may (root on Linux); otherwise the read numbers are from memory and the table
+says so.
 """
 
 import argparse
@@ -26,9 +35,16 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from megalite.checkpoint import flat  # noqa: E402
 from megalite.checkpoint import format as ckpt  # noqa: E402
+from megalite.parallel.grads.buckets import BucketLayout  # noqa: E402
 
-ROWS = 4096  # each parameter a [ROWS, cols] fp32 matrix
+HIDDEN = 768
+LAYER = {"attn.qkv.weight": (HIDDEN, 3 * HIDDEN), "attn.proj.weight": (HIDDEN, HIDDEN),
+         "mlp.up.weight": (4 * HIDDEN, HIDDEN), "mlp.down.weight": (HIDDEN, 4 * HIDDEN),
+         "norm1.weight": (HIDDEN,), "norm2.weight": (HIDDEN,)}
+MOMENTS = ("exp_avg", "exp_avg_sq")
+BYTES_PER_PARAM = 12  # fp32 parameter and two fp32 moments
 
 
 def drop_page_cache() -> bool:
@@ -41,52 +57,102 @@ def drop_page_cache() -> bool:
         return False
 
 
-def synthetic_state(gb: float, files: int) -> list[dict]:
-    """Per writer: {name: tensor} of parameters and their two moments."""
-    per_file = int(gb * 1e9 / 4 / files)
-    cols = max(1, per_file // 3 // ROWS // 8)  # 8 parameters per writer, x3 with moments
-    out = []
-    for w in range(files):
-        tensors = {}
-        for i in range(8):
-            name = f"layers.{w * 8 + i}.weight"
-            tensors[name] = torch.randn(ROWS, cols)
-            tensors[name + "/exp_avg"] = torch.randn(ROWS, cols)
-            tensors[name + "/exp_avg_sq"] = torch.rand(ROWS, cols)
-        out.append(tensors)
-    return out
+class State:
+    """The synthetic parameters, their bucket layout and each rank's moment shards."""
+
+    def __init__(self, gb: float, writers: int, bucket_mb: float):
+        per_layer = sum(torch.Size(s).numel() for s in LAYER.values())
+        layers = max(1, round(gb * 1e9 / BYTES_PER_PARAM / per_layer))
+        self.params = {f"layers.{i}.{n}": torch.randn(s) for i in range(layers)
+                       for n, s in LAYER.items()}
+        self.names = {id(p): n for n, p in self.params.items()}
+        self.layout = BucketLayout(list(self.params.values()), writers,
+                                   int(bucket_mb * 2 ** 20 / 4))
+        self.writers = writers
+        self.shards = [{k: torch.randn(self.layout.shard_size) for k in MOMENTS}
+                       for _ in range(writers)]
+
+    def ranges(self, rank: int):
+        """(name, param, offset inside the param, offset in the rank's shard, length,
+        bucket index) of every range of a parameter inside rank's chunks."""
+        return [(self.names[id(p)], p, inside, space, length,
+                 self.layout.where[id(p)][0].index)
+                for p, inside, _, space, length in self.layout.pieces(rank)]
 
 
-def save(state, root: Path) -> float:
+def plan_files(state: State) -> list[tuple[int, str, list]]:
+    """(writing rank, file name, pieces) of every file, in writing order."""
+    files = []
+    for rank in range(state.writers):
+        by_bucket: dict[int, list] = {}
+        for name, p, inside, space, length, b in state.ranges(rank):
+            info = {"kind": "optim", "shape": list(p.shape), "split_dim": None, "vocab": False}
+            where = {"slice_start": [0] * p.dim(), "slice_shape": list(p.shape),
+                     "offset": inside}
+            by_bucket.setdefault(b, []).extend(
+                ckpt.Piece(f"{name}/{k}", state.shards[rank][k][space:space + length], None,
+                           info, where) for k in MOMENTS)
+        for bucket in state.layout.buckets:
+            if rank == 0:
+                files.append((rank, f"model-00000-{bucket.index:04d}.safetensors", [
+                    ckpt.Piece(state.names[id(p)], p, None, {
+                        "kind": "model", "shape": list(p.shape), "split_dim": None,
+                        "vocab": False}) for p, _ in bucket.params]))
+            files.append((rank, f"optim-{rank:05d}-{bucket.index:04d}.safetensors",
+                          by_bucket.get(bucket.index, [])))
+        rng = torch.get_rng_state()
+        files.append((rank, f"rng-{rank:05d}.safetensors", [
+            ckpt.Piece(f"rng/torch_cpu/{rank}", rng, None,
+                       {"kind": "rng", "shape": [rng.numel()]})]))
+    return files
+
+
+def save(files, root: Path, writers: int) -> float:
     t0 = time.perf_counter()
     tmp = ckpt.begin_save(root, 1)
-    for rank, tensors in enumerate(state):
-        model = [ckpt.Piece(n, t, info={"kind": "model", "shape": list(t.shape)})
-                 for n, t in tensors.items() if "/" not in n]
-        optim = [ckpt.Piece(n, t, info={"kind": "optim", "shape": list(t.shape)})
-                 for n, t in tensors.items() if "/" in n]
-        ckpt.write_part(tmp, rank, {f"model-{rank:05d}.safetensors": model,
-                                    f"optim-{rank:05d}.safetensors": optim})
-    ckpt.commit(root, tmp, 1, {}, keep=1, ranks=range(len(state)))
+    parts = [ckpt.PartWriter(tmp, rank) for rank in range(writers)]
+    for rank, fname, pieces in files:
+        parts[rank].add(fname, pieces)
+    for part in parts:
+        part.close()
+    ckpt.commit(root, tmp, 1, {}, keep=1, ranks=range(writers))
     return time.perf_counter() - t0
 
 
-def load(root: Path) -> float:
+def load(state: State, root: Path) -> tuple[float, list[dict]]:
+    """Seconds to read everything back, and the moment shards it rebuilt."""
     t0 = time.perf_counter()
-    path = ckpt.resolve_checkpoint("latest", root)
-    reader = ckpt.CheckpointReader(path)
-    total = sum(reader.read(n).numel() for n in reader.tensors)
-    assert total > 0
-    return time.perf_counter() - t0
+    reader = ckpt.CheckpointReader(ckpt.resolve_checkpoint("latest", root))
+    model = {name: reader.read(name) for name in reader.names("model")}
+    shards = [{k: torch.empty(state.layout.shard_size) for k in MOMENTS}
+              for _ in range(state.writers)]
+    for rank in range(state.writers):
+        for name, p, inside, space, length, _ in state.ranges(rank):
+            for key in MOMENTS:
+                view = shards[rank][key][space:space + length]
+                for at, lo, hi in flat.runs([0] * p.dim(), list(p.shape), inside, length,
+                                            list(p.shape)):
+                    flat.box_view(view, at, lo, hi).copy_(reader.read(f"{name}/{key}", lo, hi))
+    seconds = time.perf_counter() - t0
+    assert all(torch.equal(model[n], p) for n, p in state.params.items())
+    return seconds, shards
 
 
-def raw_write(state, out: Path) -> float:
+def same_moments(state: State, shards: list[dict]) -> bool:
+    """Every range the ranks hold came back (the bucket padding is in no range)."""
+    return all(torch.equal(shards[r][k][space:space + length],
+                           state.shards[r][k][space:space + length])
+               for r in range(state.writers) for _, _, _, space, length, _ in state.ranges(r)
+               for k in MOMENTS)
+
+
+def raw_write(files, out: Path) -> float:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for rank, tensors in enumerate(state):
-        with open(out / f"raw-{rank}.bin", "wb") as f:
-            for t in tensors.values():
-                f.write(t.numpy().tobytes())
+    for _, fname, pieces in files:
+        with open(out / fname, "wb") as f:
+            for piece in pieces:
+                f.write(piece.value.contiguous().numpy())
             f.flush()
             os.fsync(f.fileno())
     return time.perf_counter() - t0
@@ -94,55 +160,68 @@ def raw_write(state, out: Path) -> float:
 
 def raw_read(out: Path) -> float:
     t0 = time.perf_counter()
-    for path in sorted(out.glob("raw-*.bin")):
+    for path in sorted(out.iterdir()):
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
     return time.perf_counter() - t0
 
 
+def record(text: str, args) -> None:
+    """Replace this benchmark's section of BENCHMARKS.md in place (or append it)."""
+    path = ROOT / "BENCHMARKS.md"
+    title = "## Checkpoint save / load (tools/bench_checkpoint.py)"
+    body = (f"{title}\n\nMeasured {datetime.date.today()} on {socket.gethostname()} "
+            f"({os.cpu_count()} CPU cores, disk under {args.dir.parent}) with "
+            f"`python {' '.join(sys.argv)}`.\n\n{text}\n")
+    old = path.read_text()
+    if title not in old:
+        path.write_text(old.rstrip() + "\n\n" + body)
+        return
+    start = old.index(title)
+    end = old.find("\n## ", start + len(title))
+    rest = old[end + 1:] if end != -1 else ""
+    path.write_text(old[:start] + body + ("\n" + rest if rest else ""))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gb", type=float, default=3.0)
-    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--bucket_mb", type=float, default=25.0)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/megalite_ckpt_bench"))
     parser.add_argument("--record", action="store_true")
     args = parser.parse_args()
     shutil.rmtree(args.dir, ignore_errors=True)
-    state = synthetic_state(args.gb, args.files)
-    nbytes = sum(t.numel() * 4 for s in state for t in s.values())
-    rows = []
-    raw_w = raw_write(state, args.dir / "raw")
+    state = State(args.gb, args.writers, args.bucket_mb)
+    files = plan_files(state)
+    nbytes = sum(p.value.numel() * p.value.element_size() for _, _, ps in files for p in ps)
+    n_flat = sum(p.flat is not None for _, _, ps in files for p in ps)
+    raw_w = raw_write(files, args.dir / "raw")
     cold = drop_page_cache()
     raw_r = raw_read(args.dir / "raw")
     shutil.rmtree(args.dir / "raw")
-    save_s = save(state, args.dir / "ckpt")
+    save_s = save(files, args.dir / "ckpt", args.writers)
     drop_page_cache()
-    load_s = load(args.dir / "ckpt")
+    load_s, shards = load(state, args.dir / "ckpt")
+    if not same_moments(state, shards):
+        raise SystemExit("the loaded optimizer state differs from the saved one")
     gb = nbytes / 1e9
-    rows.append(("raw write + fsync", raw_w, gb / raw_w))
-    rows.append(("megalite save (safetensors, fsync, sha256, commit)", save_s, gb / save_s))
-    rows.append(("raw read", raw_r, gb / raw_r))
-    rows.append(("megalite load (sha256 verify + read every tensor)", load_s, gb / load_s))
-    lines = [f"{gb:.2f} GB in {args.files} files ({args.files} writers' shards), "
-             f"reads {'after dropping the page cache' if cold else 'from the page cache'}.", "",
-             "| operation | seconds | GB/s |", "|---|---|---|"]
-    lines += [f"| {name} | {s:.2f} | {rate:.2f} |" for name, s, rate in rows]
+    rows = [("raw write + fsync", raw_w, raw_w),
+            ("megalite save (safetensors, fsync, file + piece sha256, commit)", save_s, raw_w),
+            ("raw read", raw_r, raw_r),
+            ("megalite load (model boxes + every flat range, sha256 verified)", load_s, raw_r)]
+    lines = [f"{gb:.2f} GB ({len(state.params)} parameters in {len(state.layout.buckets)} "
+             f"buckets of {args.bucket_mb:g} MiB, dp = {args.writers} writers under ZeRO 1) "
+             f"in {len(files)} files, {n_flat} of the pieces flat; reads "
+             f"{'after dropping the page cache' if cold else 'from the page cache'}.", "",
+             "| operation | seconds | GB/s | of raw |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s:.2f} | {gb / s:.2f} | {raw / s:.0%} |" for name, s, raw in rows]
     text = "\n".join(lines)
     print(text)
     shutil.rmtree(args.dir, ignore_errors=True)
     if args.record:
-        path = ROOT / "BENCHMARKS.md"
-        title = "## Checkpoint save / load (tools/bench_checkpoint.py)"
-        body = (f"{title}\n\nMeasured {datetime.date.today()} on {socket.gethostname()} "
-                f"({os.cpu_count()} CPU cores, disk under {args.dir.parent}) with "
-                f"`python {' '.join(sys.argv)}`.\n\n{text}\n")
-        old = path.read_text()
-        if title in old:
-            start = old.index(title)
-            end = old.find("\n## ", start + len(title))
-            old = old[:start] + old[end + 1:] if end != -1 else old[:start]
-        path.write_text(old.rstrip() + "\n\n" + body)
+        record(text, args)
     return 0
 
 

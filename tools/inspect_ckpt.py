@@ -1,10 +1,12 @@
-"""Print a checkpoint's metadata and verify every file's checksum.
+"""Print a checkpoint's metadata and verify every file's and every flat piece's checksum.
 
     python tools/inspect_ckpt.py RUN_DIR|CHECKPOINTS_DIR|CHECKPOINT_DIR
 
 Prints step, data position, loss, layout, the model and training config, the tensors,
-and each file with its size and sha256 status. Exits 2 with the reason when a file is
-missing, truncated or corrupted (the report still shows which one).
+each file with its size and sha256 status, and how many flat pieces (format 3's
+optimizer-state ranges) passed their own sha256, with a line per damaged piece (tensor,
+flat offset, length, file). Exits 2 with the reason when a file is missing, truncated
+or corrupted or a piece is damaged (the report still shows which).
 """
 
 import argparse
@@ -25,7 +27,7 @@ def inspect_main(argv):
     print("\n".join(lines), flush=True)
     if error is not None:
         raise error
-    print("checksums: all files OK")
+    print("checksums: all files OK, all flat pieces OK")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Rewrite a checkpoint for another layout, offline, on CPU (no process group).
 
-    python tools/reshard.py SRC DST [--tp N] [--pp N] [--dp N] [--sp N] [--zero K]
+    python tools/reshard.py SRC DST [--tp N] [--pp N] [--dp N] [--sp N] [--zero K] [--zero-shard N]
                             [--virtual-stages V] [--stage-layers 3,3,2] [--consolidate]
 
 SRC: a step_NNNNNNN directory, or a checkpoints directory / run directory (its latest).
@@ -26,13 +26,14 @@ def reshard_main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
-    for flag in ("tp", "pp", "dp", "sp", "zero", "virtual-stages"):
+    for flag in ("tp", "pp", "dp", "sp", "zero", "zero-shard", "virtual-stages"):
         parser.add_argument(f"--{flag}", type=int)
     parser.add_argument("--stage-layers")
     parser.add_argument("--consolidate", action="store_true")
     args = parser.parse_args(argv)
     layout = {"tp": args.tp, "pp": args.pp, "dp": args.dp, "sp": args.sp, "zero": args.zero,
-              "virtual_stages": args.virtual_stages, "stage_layers": args.stage_layers}
+              "zero_shard": args.zero_shard, "virtual_stages": args.virtual_stages,
+              "stage_layers": args.stage_layers}
     out = reshard(find_checkpoint(args.src), args.dst, layout, args.consolidate)
     print(f"wrote {out}")
     return 0

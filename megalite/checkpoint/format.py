@@ -6,13 +6,19 @@ docs/checkpoint-format.md has the full description):
     index.json              step, data position, schedule / guard / loss-scaler state,
                             layout, config, provenance; every file's sha256 and size;
                             every tensor's kind, dtype, global shape, split dimension and
-                            the pieces (file + box of the global tensor) that hold it
-    model-RRRRR.safetensors parameters written by global rank RRRRR (its slices)
-    optim-RRRRR.safetensors fp32 Adam moments (and master weights under bf16/fp16)
+                            the pieces that hold it: boxes of the global tensor (file,
+                            start, stop) or flat ranges of a TP-local slice (file, key,
+                            slice start and shape, offset, length, the piece's sha256)
+    model-RRRRR-BBBB.safetensors  parameters (boxes) written by global rank RRRRR, one
+                            file per gradient bucket BBBB
+    optim-RRRRR-BBBB.safetensors  fp32 Adam moments (and master weights under bf16/fp16)
+                            as the flat ranges rank RRRRR holds (format 3)
     rng-RRRRR.safetensors   that rank's RNG states as uint8 tensors (no pickle anywhere)
 
-Tensors are stored under their global names, unpadded; a file holds any box of a
-tensor, so a reader can assemble any slice for any layout (`CheckpointReader.read`).
+Tensors are stored under their global names, unpadded; `CheckpointReader.read`
+assembles any box of any tensor from whatever pieces cover it (checkpoint/flat.py maps
+a flat range to boxes), so any layout reads any other's. Format 2 (optimizer state in
+boxes too, one file per rank and kind) still reads.
 The trainer's choice of who writes what is in megalite/checkpoint/sharding.py.
 
 Saving: `begin_save` (rank 0) makes `step_NNNNNNN.tmp/`; every writer adds its files
@@ -28,6 +34,7 @@ first read, and raises CheckpointError naming the file and what is wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -39,10 +46,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from megalite.checkpoint import flat
 from megalite.data.tokenizer import file_sha256
 from megalite.errors import CheckpointError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: optimizer state in boxes only
 INDEX = "index.json"
 LATEST = "latest"
 
@@ -81,12 +90,29 @@ def provenance() -> dict:
 
 # ---- writing ---------------------------------------------------------------------------
 class Piece:
-    """A box [start, stop) of global tensor `name` held by `value` (the box's contents)."""
+    """A box [start, stop) of global tensor `name` held by `value` (the box's contents);
+    or, with `flat` = {"slice_start", "slice_shape", "offset"}, the 1-D `value` is the
+    flat range [offset, offset + numel) of the slice of that shape at slice_start
+    (format 3's optimizer-state pieces: checkpoint/flat.py)."""
 
-    def __init__(self, name: str, value: torch.Tensor, start=None, info: dict | None = None):
+    def __init__(self, name: str, value: torch.Tensor, start=None, info: dict | None = None,
+                 flat: dict | None = None):
         self.name, self.value = name, value.detach()
         self.start = list(start) if start is not None else [0] * value.dim()
         self.info = info or {}  # kind, global shape, split_dim, vocab (see write_part)
+        self.flat = flat
+
+    def key(self) -> str:
+        """The name inside its file: a flat piece's carries its offset."""
+        return f"{self.name}#{self.flat['offset']}" if self.flat else self.name
+
+    def entry(self, fname: str) -> dict:
+        """How the index finds this piece."""
+        if self.flat:
+            return {"file": fname, "key": self.key(), **self.flat,
+                    "length": self.value.numel(), "sha256": flat.sha256(self.value)}
+        stop = [s + n for s, n in zip(self.start, self.value.shape)]
+        return {"file": fname, "start": self.start, "stop": stop}
 
 
 def staging_dir(root: Path, step: int) -> Path:
@@ -101,24 +127,38 @@ def begin_save(root: str | os.PathLike, step: int) -> Path:
     return tmp
 
 
-def write_part(tmp: Path, rank: int, files: dict[str, list[Piece]]) -> None:
-    """Write this process's files ({file name: pieces}) and the part-RRRRR.json that
-    describes them. Each piece's `info` gives "kind" (model|optim|rng) and "shape" (the
-    global shape); "split_dim"/"vocab" say how a layout cuts it (sharding.py)."""
-    part = {"files": {}, "tensors": {}}
-    for fname, pieces in files.items():
+class PartWriter:
+    """One process's share of a save: files written one at a time as they are added (so
+    a caller can bound what it holds to one file's tensors), then the part-RRRRR.json
+    that describes them. Each piece's `info` gives "kind" (model|optim|rng) and "shape"
+    (the global shape); "split_dim"/"vocab" say how a layout cuts it (sharding.py)."""
+
+    def __init__(self, tmp: Path, rank: int):
+        self.tmp, self.rank = Path(tmp), rank
+        self.part = {"files": {}, "tensors": {}}
+
+    def add(self, fname: str, pieces: list[Piece]) -> None:
         if not pieces:
-            continue
-        path = tmp / fname
-        save_file({p.name: p.value.contiguous().cpu() for p in pieces}, str(path))
+            return
+        path = self.tmp / fname
+        save_file({p.key(): p.value.contiguous().cpu() for p in pieces}, str(path))
         _fsync(path)
-        part["files"][fname] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        self.part["files"][fname] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         for p in pieces:
-            stop = [s + n for s, n in zip(p.start, p.value.shape)]
-            part["tensors"][p.name] = {
-                **p.info, "dtype": str(p.value.dtype).removeprefix("torch."),
-                "pieces": [{"file": fname, "start": p.start, "stop": stop}]}
-    _write_text_atomic(tmp / f"part-{rank:05d}.json", json.dumps(part))
+            entry = self.part["tensors"].setdefault(p.name, {
+                **p.info, "dtype": str(p.value.dtype).removeprefix("torch."), "pieces": []})
+            entry["pieces"].append(p.entry(fname))
+
+    def close(self) -> None:
+        _write_text_atomic(self.tmp / f"part-{self.rank:05d}.json", json.dumps(self.part))
+
+
+def write_part(tmp: Path, rank: int, files: dict[str, list[Piece]]) -> None:
+    """Write this process's files ({file name: pieces}) and its part-RRRRR.json."""
+    writer = PartWriter(tmp, rank)
+    for fname, pieces in files.items():
+        writer.add(fname, pieces)
+    writer.close()
 
 
 def commit(root: str | os.PathLike, tmp: Path, step: int, meta: dict, keep: int,
@@ -219,9 +259,9 @@ def read_index(path: str | os.PathLike, verify: bool = True) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"'{path / INDEX}' is unreadable or not JSON ({e}); the checkpoint "
                               f"is damaged: resume from an earlier one.") from None
-    if index.get("format_version") != FORMAT_VERSION:
+    if index.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"'{path}' has format version {index.get('format_version')}, "
-                              f"this megalite reads {FORMAT_VERSION}.")
+                              f"this megalite reads versions {list(READABLE_VERSIONS)}.")
     for fname in index["files"]:
         check_file(path, index, fname, checksum=verify)
     return index
@@ -248,7 +288,11 @@ class CheckpointReader:
         self.path = Path(path)
         self.index = index if index is not None else read_index(path, verify=False)
         self.tensors = self.index["tensors"]
-        self._open: dict[str, object] = {}  # file -> safetensors handle, checksum verified
+        self._verified: dict[str, bool] = {}  # file -> checked (True: its sha256 too)
+        # One file open at a time: a safetensors handle maps its file, and the pages read
+        # stay resident while it is open, so a streaming load keeps one file's worth.
+        self._handle = None  # (file name, handle)
+        self._last = None  # ((file, key), the last flat piece read)
 
     def names(self, kind: str) -> list[str]:
         return [n for n, e in self.tensors.items() if e["kind"] == kind]
@@ -263,19 +307,26 @@ class CheckpointReader:
         start = list(start) if start is not None else [0] * len(shape)
         stop = list(stop) if stop is not None else list(shape)
         for piece in entry["pieces"]:  # one piece is exactly the box: no copy
-            if piece["start"] == start and piece["stop"] == stop:
+            if piece.get("start") == start and piece.get("stop") == stop:
                 return self._slice(piece["file"], name, ())
         out = torch.empty([b - a for a, b in zip(start, stop)],
                           dtype=getattr(torch, entry["dtype"]))
         covered = 0
         for piece in entry["pieces"]:
-            lo = [max(a, s) for a, s in zip(start, piece["start"])]
-            hi = [min(b, e) for b, e in zip(stop, piece["stop"])]
-            if any(h <= low for low, h in zip(lo, hi)):
+            if "offset" in piece:  # a flat range: up to three boxes of the global tensor
+                for at, lo, hi in flat.runs(piece["slice_start"], piece["slice_shape"],
+                                            piece["offset"], piece["length"], shape):
+                    common = flat.intersect(start, stop, lo, hi)
+                    if common is not None:
+                        values = flat.box_view(self.flat_piece(piece, name), at, lo, hi)
+                        out[flat.region(start, *common)] = values[flat.region(lo, *common)]
+                        covered += math.prod(b - a for a, b in zip(*common))
                 continue
-            src = tuple(slice(low - s, h - s) for low, h, s in zip(lo, hi, piece["start"]))
-            dst = tuple(slice(low - a, h - a) for low, h, a in zip(lo, hi, start))
-            out[dst] = self._slice(piece["file"], name, src)
+            common = flat.intersect(start, stop, piece["start"], piece["stop"])
+            if common is None:
+                continue
+            dst = flat.region(start, *common)
+            out[dst] = self._slice(piece["file"], name, flat.region(piece["start"], *common))
             covered += out[dst].numel()
         if covered != out.numel():
             raise CheckpointError(f"checkpoint '{self.path}': the pieces of '{name}' cover "
@@ -283,13 +334,38 @@ class CheckpointReader:
                                   f"index is inconsistent.")
         return out
 
+    def flat_piece(self, piece: dict, name: str) -> torch.Tensor:
+        """A flat piece, its own checksum verified (so a load reads only the pieces it
+        needs, not whole files); the last one is kept for the next box."""
+        ident = (piece["file"], piece["key"])
+        if self._last is None or self._last[0] != ident:
+            self._last = None  # release the previous piece before reading the next
+            # a flat piece has its own checksum: the file's is not needed to trust it
+            value = self._file(piece["file"], checksum=False,
+                               use=lambda f: f.get_tensor(piece["key"]))
+            if flat.sha256(value) != piece["sha256"]:
+                raise CheckpointError(
+                    f"checkpoint '{self.path}': the piece of '{name}' at flat offset "
+                    f"{piece['offset']} ({piece['length']} elements) in file "
+                    f"'{piece['file']}' fails its sha256 check: it is corrupted. Resume "
+                    f"from an earlier checkpoint.")
+            self._last = (ident, value)
+        return self._last[1]
+
     def _slice(self, fname: str, name: str, box: tuple) -> torch.Tensor:
+        return self._file(fname, checksum=True,
+                          use=lambda f: f.get_slice(name)[box] if box else f.get_tensor(name))
+
+    def _file(self, fname: str, checksum: bool, use):
+        """`use(handle)` on file `fname`, checked before its first read."""
         try:
-            if fname not in self._open:
-                check_file(self.path, self.index, fname)
-                self._open[fname] = safe_open(str(self.path / fname), framework="pt")
-            f = self._open[fname]
-            return f.get_slice(name)[box] if box else f.get_tensor(name)
+            if fname not in self._verified or (checksum and not self._verified[fname]):
+                check_file(self.path, self.index, fname, checksum=checksum)
+                self._verified[fname] = checksum
+            if self._handle is None or self._handle[0] != fname:
+                self._handle = None  # unmap the previous file first
+                self._handle = (fname, safe_open(str(self.path / fname), framework="pt"))
+            return use(self._handle[1])
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"checkpoint file '{self.path / fname}' cannot be read "
                                   f"({e}).") from None

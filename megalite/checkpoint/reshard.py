@@ -4,12 +4,12 @@ The trainer already reshards on load (checkpoint/sharding.py reads whatever boxe
 layout needs), so this is for moving a checkpoint ahead of time (one file per writer
 of the target layout, each holding exactly its slices) or consolidating it into one
 file for other tools. Each writer of the target layout, the dp = sp = 0 rank of every
-(pipeline stage, TP rank), gets the slices of the parameters its stage owns and their
-optimizer state, cut exactly as `trainer_state.save_trainer_state` cuts them; dp, sp
-and the ZeRO stage change only the recorded layout, because optimizer state is stored
-per parameter (docs/checkpoint-format.md). RNG states are copied unchanged (a rank
-with no state of its own takes rank 0's). Tensors are copied, never recomputed, so a
-round trip A -> B -> A gives byte-identical tensors.
+(pipeline stage, TP rank), gets the TP slices of the parameters its stage owns and of
+their optimizer state, as boxes, whatever the source held (format 3's flat ranges or
+format 2's boxes); dp, sp, zero and zero_shard change only the recorded layout, since
+the trainer reads the ranges it needs from any boxes (docs/checkpoint-format.md). RNG
+states are copied unchanged (a rank with no state of its own takes rank 0's). Tensors
+are copied, never recomputed, so a round trip A -> B -> A gives byte-identical tensors.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from megalite.parallel.tensor import check_tp_layout
 from megalite.parallel.topology import grid_rank
 from megalite.checkpoint.sharding import STATE_KEYS, partitioning, tp_box
 
-LAYOUT_KEYS = ("tp", "pp", "dp", "sp", "zero", "virtual_stages", "stage_layers")
+LAYOUT_KEYS = ("tp", "pp", "dp", "sp", "zero", "zero_shard", "virtual_stages", "stage_layers")
 
 
 def _stage_names(model_cfg, pp: int, virtual: int, pp_rank: int, explicit: str) -> list[str]:
@@ -42,7 +42,10 @@ def _stage_names(model_cfg, pp: int, virtual: int, pp_rank: int, explicit: str) 
 def target_config(index: dict, layout: dict):
     """The checkpoint's config with the new layout; rejects layouts the model cannot take."""
     data = copy.deepcopy(index["config"])
-    data["parallel"].update({k: v for k, v in layout.items() if v is not None})
+    given = {k: v for k, v in layout.items() if v is not None}
+    if {"dp", "sp", "zero"} & set(given) and "zero_shard" not in given:
+        given["zero_shard"] = 0  # hybrid sharding is per layout: one shard unless asked
+    data["parallel"].update(given)
     cfg = config_from_dict(data)  # validates batch, pipeline and ZeRO combinations
     if cfg.parallel.tp > 1:
         check_tp_layout(cfg.model, cfg.parallel.tp)

@@ -1,26 +1,29 @@
 """The trainer's checkpoints: which rank writes which slice, and how any layout reads it.
 
-Saving (every rank of the topology calls `save_trainer_state`):
-- model parameters: each (pipeline stage, TP rank) pair writes its own TP slice of the
-  parameters its stage owns, from its dp = sp = 0 replica (tensors replicated across
-  dp x sp are written once); a TP-replicated tensor (norms, row biases, learned
+Saving (format 3; every rank of the topology calls `save_trainer_state`), one gradient
+bucket at a time, so a save holds at most about one bucket more than training:
+- model parameters: dp x sp rank 0 of each (pipeline stage, TP rank) writes its TP
+  slice of the parameters its stage owns as boxes of the global tensors (ZeRO 3 gathers
+  one unit at a time for it); a TP-replicated tensor (norms, row biases, learned
   positions) is written by TP rank 0 only, a tied embedding by the first stage only;
-  vocabulary rows are stored unpadded.
-- optimizer state: ZeRO shards are all-gathered over dp x sp at save time (a transient
-  copy of this stage's fp32 state on every rank of the group; it costs one all-gather
-  of 8-12 bytes per parameter and that much memory for the duration of the save), then
-  stored per parameter with the same TP slice as the parameter, the parameters dealt
-  round-robin over the dp x sp ranks so they all write in parallel. Per parameter,
-  not as flat ZeRO fragments: any layout (another dp, zero stage or bucket size) reads
-  it without knowing the writer's bucket layout.
+  vocabulary rows are stored unpadded. Files model-RRRRR-BBBB.safetensors.
+- optimizer state (Adam moments, and the fp32 master under bf16/fp16): every rank
+  writes what it holds, as the flat ranges of its TP-local slices (checkpoint/flat.py),
+  each with its own sha256, without any gather: its ZeRO chunks (under hybrid sharding
+  the first replica writes, the others hold copies), and under ZeRO 0, where every rank
+  holds everything, chunk r of every bucket on dp x sp rank r. Files
+  optim-RRRRR-BBBB.safetensors. The index maps every flat range to global coordinates,
+  so any layout reads it without knowing the writer's buckets.
 - RNG: every rank's states, as uint8 tensors in its own file.
 Every rank writes in parallel into the staging directory; rank 0 commits the index
-(checkpoint.py) once all ranks report success, and every rank learns the outcome.
+(format.py) once all ranks report success, and every rank learns the outcome.
 
-Loading (`load_trainer_state`): each rank reads only the boxes of the global tensors its
-parameters hold in *this* layout (tp, pp, dp, sp, zero, virtual stages may all differ
-from the writer's), checks names and shapes against the whole model first, and
-changes no state until every rank has read everything it needs.
+Loading (`load_trainer_state`): each rank first checks names, shapes and completeness
+against the whole model (every rank agrees before anything changes), then streams in
+only the flat ranges it holds in *this* layout (tp, pp, dp, sp, zero, zero_shard,
+virtual stages may all differ from the writer's), as boxes of the global tensors read
+from whatever pieces cover them, each flat piece checked against its own sha256. A
+format 2 checkpoint (optimizer state in boxes) loads the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from megalite.checkpoint import flat
 from megalite.checkpoint import format as ckpt
 from megalite.config import ModelConfig
 from megalite.errors import CheckpointError
@@ -79,15 +83,6 @@ def _stored(value: torch.Tensor, info: dict, start: list, stop: list) -> torch.T
     return value if dim is None else value.narrow(dim, 0, stop[dim] - start[dim])
 
 
-def _padded(value: torch.Tensor, info: dict, shape: torch.Size) -> torch.Tensor:
-    """Back to the local shape: vocabulary padding rows are zero."""
-    if tuple(value.shape) == tuple(shape):
-        return value
-    out = torch.zeros(shape, dtype=value.dtype)
-    out.narrow(info["split_dim"], 0, value.shape[info["split_dim"]]).copy_(value)
-    return out
-
-
 def _all_ranks_ok(topo, ok: bool) -> bool:
     """True when every rank of the topology is ok."""
     flag = torch.tensor([0.0 if ok else 1.0], device=topo.device)
@@ -101,49 +96,89 @@ def _rng_states(device: str) -> dict[str, torch.Tensor]:
     return states
 
 
-def _rank_pieces(trainer) -> dict[str, list]:
-    """This rank's files: its model slices, its share of the optimizer state, its RNG."""
+def _slice_meta(info: dict, topo, pad: int) -> tuple[dict, list, list] | None:
+    """(index metadata, box start, box stop) of this TP rank's slice of a parameter, or
+    None when another TP rank writes it or this one holds only vocabulary padding."""
+    if info["split_dim"] is None and topo.tp_rank != 0:
+        return None  # replicated across TP: rank 0 writes it
+    start, stop = tp_box(info, topo.tp, topo.tp_rank, pad)
+    if any(b <= a for a, b in zip(start, stop)):
+        return None
+    return {"shape": info["shape"], "split_dim": info["split_dim"],
+            "vocab": info["vocab"]}, start, stop
+
+
+class _Writes:
+    """This rank's files, added one bucket at a time; the first OSError stops the writing
+    but not the loop, so the rank keeps taking part in ZeRO 3's per-unit gathers."""
+
+    def __init__(self, tmp: Path, rank: int):
+        self.writer, self.error = ckpt.PartWriter(tmp, rank), None
+
+    def add(self, fname: str, pieces: list) -> None:
+        if self.error is None:
+            try:
+                self.writer.add(fname, pieces)
+            except OSError as e:
+                self.error = f"rank {self.writer.rank} could not write its checkpoint files ({e})"
+
+    def close(self) -> str | None:
+        if self.error is None:
+            try:
+                self.writer.close()
+            except OSError as e:
+                self.error = f"rank {self.writer.rank} could not write its checkpoint files ({e})"
+        return self.error
+
+
+def _write_rank_files(trainer, writes: _Writes) -> None:
+    """Format 3, bucket by bucket (so a save holds at most one bucket's tensors more than
+    training): dp x sp rank 0 of each (stage, TP rank) writes its slices of the model
+    weights as boxes (ZeRO 3 gathers one unit at a time for it); the optimizer state is
+    written by the ranks that hold it, as the flat ranges they hold (no gather at all)."""
     topo, opt, cfg = trainer.topo, trainer.optimizer, trainer.cfg
-    parts, pad = partitioning(cfg.model), cfg.parallel.vocab_pad_multiple
-    params = opt.param_tensors(tp_global=False)
-    state = opt.state_tensors(tp_global=False)
-    group = topo.dp_sp_group
-    model, optim, rng = [], [], []
-    for i, name in enumerate(sorted(params)):
-        info = parts[name]
-        if info["split_dim"] is None and topo.tp_rank != 0:
-            continue  # replicated across TP: rank 0 writes it
-        start, stop = tp_box(info, topo.tp, topo.tp_rank, pad)
-        if any(b <= a for a, b in zip(start, stop)):
-            continue  # this rank holds only vocabulary padding
-        meta = {"shape": info["shape"], "split_dim": info["split_dim"], "vocab": info["vocab"]}
-        if group.rank == 0:
-            model.append(ckpt.Piece(name, _stored(params[name], info, start, stop), start,
-                                    {"kind": "model", **meta}))
-        if i % group.size == group.rank:
-            optim += [ckpt.Piece(f"{name}/{key}", _stored(state[f"{name}/{key}"], info, start,
-                                                          stop), start, {"kind": "optim", **meta})
-                      for key in STATE_KEYS if f"{name}/{key}" in state]
-    for key, value in _rng_states(trainer.device).items():
-        rng.append(ckpt.Piece(f"rng/{key}/{topo.rank}", value, None,
-                              {"kind": "rng", "shape": [value.numel()]}))
-    r = topo.rank
-    return {f"model-{r:05d}.safetensors": model, f"optim-{r:05d}.safetensors": optim,
-            f"rng-{r:05d}.safetensors": rng}
+    parts, pad, r = partitioning(cfg.model), cfg.parallel.vocab_pad_multiple, topo.rank
+    keys = tuple(k for k in STATE_KEYS if k != "master" or opt.model_dtype != opt.master_dtype)
+    state = {}
+    for name, p, inside, views in opt.state_ranges(keys, writer_share=True):
+        state.setdefault(opt.layout.where[id(p)][0].index, []).append((name, p, inside, views))
+    for bucket in opt.layout.buckets:
+        model = []
+        with opt.unit_gathered(bucket):
+            if topo.dp_sp_group.rank == 0:
+                for p, _ in bucket.params:
+                    name = opt.names[id(p)]
+                    sliced = _slice_meta(parts[name], topo, pad)
+                    if sliced is None or getattr(p, "pipeline_tied_copy", False):
+                        continue
+                    meta, start, stop = sliced
+                    model.append(ckpt.Piece(name, _stored(p.detach(), parts[name], start, stop),
+                                            start, {"kind": "model", **meta}))
+                writes.add(f"model-{r:05d}-{bucket.index:04d}.safetensors", model)
+        optim = []
+        for name, p, inside, views in state.get(bucket.index, []):
+            sliced = _slice_meta(parts[name], topo, pad)
+            if sliced is None or getattr(p, "pipeline_tied_copy", False):
+                continue
+            meta, start, _ = sliced
+            where = {"slice_start": start, "slice_shape": list(p.shape), "offset": inside}
+            optim += [ckpt.Piece(f"{name}/{key}", view, None, {"kind": "optim", **meta}, where)
+                      for key, view in views.items()]
+        writes.add(f"optim-{r:05d}-{bucket.index:04d}.safetensors", optim)
+    rng = [ckpt.Piece(f"rng/{key}/{r}", value, None, {"kind": "rng", "shape": [value.numel()]})
+           for key, value in _rng_states(trainer.device).items()]
+    writes.add(f"rng-{r:05d}.safetensors", rng)
 
 
 def save_trainer_state(trainer, meta: dict) -> Path:
     """Every rank writes its part; rank 0 commits. Returns the step directory."""
     topo, root, step = trainer.topo, Path(trainer.ckpt_dir), trainer.step
-    files = _rank_pieces(trainer)  # collectives first: every rank takes part
     if topo.rank == 0:
         ckpt.begin_save(root, step)
     _all_ranks_ok(topo, True)  # a barrier: the staging directory exists
-    error = None
-    try:
-        ckpt.write_part(ckpt.staging_dir(root, step), topo.rank, files)
-    except OSError as e:
-        error = f"rank {topo.rank} could not write its checkpoint files ({e})"
+    writes = _Writes(ckpt.staging_dir(root, step), topo.rank)
+    _write_rank_files(trainer, writes)
+    error = writes.close()
     if not _all_ranks_ok(topo, error is None):
         raise CheckpointError(f"saving checkpoint step {step} failed: "
                               f"{error or 'another rank failed (see its log)'}. The previous "
@@ -152,8 +187,8 @@ def save_trainer_state(trainer, meta: dict) -> Path:
     path = root / ckpt.step_dir_name(step)
     if topo.rank == 0:
         meta = {**meta, "layout": {k: getattr(trainer.cfg.parallel, k) for k in
-                                   ("tp", "pp", "dp", "sp", "zero", "virtual_stages",
-                                    "stage_layers", "vocab_pad_multiple")},
+                                   ("tp", "pp", "dp", "sp", "zero", "zero_shard",
+                                    "virtual_stages", "stage_layers", "vocab_pad_multiple")},
                 "world_size": topo.world_size, "optimizer_step": trainer.optimizer.step_count}
         path = ckpt.commit(root, ckpt.staging_dir(root, step), step, meta,
                            trainer.cfg.checkpoint.keep, range(topo.world_size))
@@ -161,50 +196,78 @@ def save_trainer_state(trainer, meta: dict) -> Path:
     return path
 
 
-def _read_rank_state(trainer, reader: ckpt.CheckpointReader) -> tuple[dict, dict, dict]:
-    """(parameter values, optimizer state, RNG states) this rank needs, TP-local."""
+def _check_complete(trainer, reader: ckpt.CheckpointReader) -> None:
+    """Before any state changes: the model's shapes, and state for every parameter."""
+    parts = partitioning(trainer.cfg.model)
+    ckpt.check_shapes(reader.index, {n: tuple(i["shape"]) for n, i in parts.items()})
+    for name, _ in trainer.optimizer.named:
+        for key in ("exp_avg", "exp_avg_sq"):
+            if f"{name}/{key}" not in reader.tensors:
+                raise CheckpointError(f"checkpoint '{reader.path}' has no optimizer state "
+                                      f"'{key}' for '{name}'; it is incomplete.")
+
+
+def _fill(trainer, reader: ckpt.CheckpointReader) -> None:
+    """Stream every flat range this rank holds from the boxes of the global tensors that
+    cover it: model-dtype parameters, master weights, Adam moments. The fp32 master, where
+    a bf16/fp16 run saved one, is a parameter's true value; else the weights are."""
     topo, opt, cfg = trainer.topo, trainer.optimizer, trainer.cfg
     parts, pad = partitioning(cfg.model), cfg.parallel.vocab_pad_multiple
-    ckpt.check_shapes(reader.index, {n: tuple(i["shape"]) for n, i in parts.items()})
-    values, state = {}, {}
-    for name, p in opt.named:  # a tied copy included: both stages need the weight
+
+    def fill(view, key, name, p, inside):
         info = parts[name]
-        start, stop = tp_box(info, topo.tp, topo.tp_rank, pad)
-        for key in STATE_KEYS:
-            if f"{name}/{key}" in reader.tensors:
-                state[f"{name}/{key}"] = _padded(reader.read(f"{name}/{key}", start, stop),
-                                                 info, p.shape)
-        # The fp32 master, where a bf16/fp16 run saved one, is the parameter's true value.
-        values[name] = state.get(f"{name}/master")
-        if values[name] is None:
-            values[name] = _padded(reader.read(name, start, stop), info, p.shape)
-        if f"{name}/exp_avg" not in state:
-            raise CheckpointError(f"checkpoint '{reader.path}' has no optimizer state for "
-                                  f"'{name}'; it is incomplete.")
+        start, _ = tp_box(info, topo.tp, topo.tp_rank, pad)
+        for at, lo, hi in flat.runs(start, list(p.shape), inside, view.numel(), info["shape"]):
+            flat.box_view(view, at, lo, hi).copy_(reader.read(key, lo, hi))
+
+    def truth(name):
+        return f"{name}/master" if f"{name}/master" in reader.tensors else name
+
+    with torch.no_grad():
+        for name, p, inside, view in opt.param_ranges():
+            fill(view, truth(name), name, p, inside)
+        keys = ("exp_avg", "exp_avg_sq", *(("master",) if opt.separate_master else ()))
+        for name, p, inside, views in opt.state_ranges(keys):
+            for key, view in views.items():
+                fill(view, truth(name) if key == "master" else f"{name}/{key}", name, p, inside)
+
+
+def _read_rng(trainer, reader: ckpt.CheckpointReader) -> dict:
     rng = {}
     for key in _rng_states(trainer.device):
-        own, first = f"rng/{key}/{topo.rank}", f"rng/{key}/0"
+        own, first = f"rng/{key}/{trainer.topo.rank}", f"rng/{key}/0"
         name = own if own in reader.tensors else first
         if name in reader.tensors:
             rng[key] = reader.read(name)
-    return values, state, rng
+    return rng
 
 
 def load_trainer_state(trainer, path: Path) -> dict:
     """Restore model, optimizer and RNG for this layout; returns the index (the caller
-    restores schedule, sampler, guard, scaler). Nothing changes unless every rank read
-    everything it needs."""
-    index, error = None, None
+    restores schedule, sampler, guard, scaler). Every rank checks the index first (names,
+    shapes, completeness) and nothing changes unless all pass; then each streams in only
+    the ranges it holds, checking each piece it reads. A damaged piece found then fails
+    the load on every rank (the trainer does not start)."""
+    topo, index, error = trainer.topo, None, None
     try:
         index = ckpt.read_index(path, verify=False)
-        values, state, rng = _read_rank_state(trainer, ckpt.CheckpointReader(path, index))
+        reader = ckpt.CheckpointReader(path, index)
+        _check_complete(trainer, reader)
     except CheckpointError as e:
         error = e
-    if not _all_ranks_ok(trainer.topo, error is None):
+    if not _all_ranks_ok(topo, error is None):
         raise error or CheckpointError(f"another rank could not read checkpoint '{path}' "
                                        f"(see its log); nothing was loaded.")
-    trainer.optimizer.load_state_tensors(state, params=values, step=index["optimizer_step"],
-                                         tp_global=False)
+    try:
+        _fill(trainer, reader)
+        rng = _read_rng(trainer, reader)
+    except CheckpointError as e:
+        error = e
+    if not _all_ranks_ok(topo, error is None):
+        raise error or CheckpointError(f"another rank failed reading checkpoint '{path}' "
+                                       f"(see its log); this run's state is incomplete and "
+                                       f"it does not start.")
+    trainer.optimizer.step_count = index["optimizer_step"]
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng:
         torch.cuda.set_rng_state(rng["torch_cuda"])

@@ -131,6 +131,7 @@ class ZeroOptimizer(ZeroStateExchange):
         self.master_dtype = compute_dtype(self.model_dtype)
         self.offload = optim.offload == "cpu"
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = {id(p): n for n, p in self.named}
         params = [p for _, p in self.named]
         # a meta model (sharded start-up) lives where the topology's collectives do
         self.device = topo.device if params[0].is_meta else params[0].device
@@ -140,10 +141,9 @@ class ZeroOptimizer(ZeroStateExchange):
         grad_bytes = self.grad_dtype.itemsize
         bucket_numel = max(1, int(par.bucket_mb * 2 ** 20 / grad_bytes))
         tied = _tied_embedding(model, topo)
-        names = {id(p): n for n, p in self.named}
         self.weight_decay = {
             id(p): optim.weight_decay if p.ndim >= 2 and (optim.decay_embeddings or
-                                                         "embed" not in names[id(p)]) else 0.0
+                                                         "embed" not in self.names[id(p)]) else 0.0
             for p in params}
         self.layout = layout = BucketLayout(order, self.n, bucket_numel, units, isolate=tied,
                                             sort_key=lambda p: -self.weight_decay[id(p)])

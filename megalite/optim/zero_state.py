@@ -86,6 +86,50 @@ class ZeroStateExchange:
         finally:
             self.gather.free_all()
 
+    @contextlib.contextmanager
+    def unit_gathered(self, bucket):
+        """`bucket`'s parameters present for the duration (ZeRO 3 gathers that unit only;
+        every rank of the shard group must take part)."""
+        if self.gather is None:
+            yield
+            return
+        self.gather.fetch(bucket)
+        try:
+            yield
+        finally:
+            self.gather.free(bucket)
+
+    # ---- flat ranges: what checkpoints write and read without gathering anything --------
+    def param_ranges(self) -> list[tuple]:
+        """(name, param, offset inside the flattened param, view) of every range of
+        model-dtype parameter values this rank holds: everything (ZeRO 0-2) or its shard
+        (ZeRO 3)."""
+        if self.stage < 3:
+            return [(self.names[id(p)], p, inside, self.param_flat[flat:flat + length])
+                    for p, inside, flat, _, length in self.layout.pieces(None)]
+        return [(self.names[id(p)], p, inside, self.param_shard[space:space + length])
+                for p, inside, _, space, length in self.layout.pieces(self.rank)]
+
+    def state_ranges(self, keys: tuple, writer_share: bool = False) -> list[tuple]:
+        """(name, param, offset inside the flattened param, {key: view}) of the optimizer
+        state `keys` (exp_avg, exp_avg_sq, master) this rank holds; `writer_share`: the part
+        it writes in a checkpoint instead, so that every element is written once: its own
+        chunks on the first replica (none on the others), and under ZeRO 0, where every
+        rank holds everything, chunk r of every bucket on dp x sp rank r."""
+        buffers = {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+                   "master": self.master}
+        if not writer_share:
+            ranges = [(p, inside, space, length)
+                      for p, inside, _, space, length in self.layout.pieces(self.space_rank)]
+        elif self.topo.zero_replica_group.rank != 0:
+            ranges = []
+        else:
+            ranges = [(p, inside, flat if self.stage == 0 else space, length)
+                      for p, inside, flat, space, length in self.layout.pieces(self.rank)]
+        return [(self.names[id(p)], p, inside,
+                 {k: buffers[k][at:at + length] for k in keys})
+                for p, inside, at, length in ranges]
+
     def _flat_from(self, tensors: dict, key: str, required: bool,
                    tp_global: bool) -> torch.Tensor | None:
         flat = torch.zeros(self.layout.total, dtype=self.master_dtype, device=self.device)
