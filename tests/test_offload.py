@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from megalite.config import load_config, resolve
+from megalite.model import offload
 from megalite.model.build import build_model
 from megalite.parallel.topology import build_topology
 from megalite.planning.estimate import estimate, layer_items, prepare
 
 VOCAB = 61
+# On a GPU (tools/gpu_check.sh runs this file) the side-stream copies are what is tested.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cfg_for(preset: str, recompute: str, offload: bool, dropout: float = 0.0):
@@ -33,9 +36,10 @@ def cfg_for(preset: str, recompute: str, offload: bool, dropout: float = 0.0):
 def train(cfg, steps: int = 3):
     """(losses, final parameters, bytes offloaded per step) of a few AdamW steps."""
     torch.manual_seed(0)
-    model = build_model(cfg, build_topology(), "cpu")
+    model = build_model(cfg, build_topology(), DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tokens = torch.randint(0, VOCAB, (steps, 2, 17), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, VOCAB, (steps, 2, 17),
+                           generator=torch.Generator().manual_seed(1)).to(DEVICE)
     losses, moved = [], []
     for rows in tokens:
         before = model.offload.bytes_offloaded
@@ -77,6 +81,9 @@ class SavedBytes:
             self.bytes_offloaded += t.untyped_storage().nbytes()
         return t
 
+    def new_chain(self):
+        pass
+
     def __enter__(self):
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._hooks.__enter__()
@@ -91,9 +98,10 @@ def test_the_bytes_moved_are_the_blocks_saved_tensors(recompute):
     cfg = cfg_for("llama", recompute, True)
     _, _, moved = train(cfg, steps=1)
     torch.manual_seed(0)
-    model = build_model(cfg_for("llama", recompute, False), build_topology(), "cpu")
+    model = build_model(cfg_for("llama", recompute, False), build_topology(), DEVICE)
     model.offload = SavedBytes()
-    rows = torch.randint(0, VOCAB, (1, 2, 17), generator=torch.Generator().manual_seed(1))[0]
+    rows = torch.randint(0, VOCAB, (1, 2, 17),
+                         generator=torch.Generator().manual_seed(1))[0].to(DEVICE)
     model(rows[:, :-1], rows[:, 1:])
     assert moved == [model.offload.bytes_offloaded] and moved[0] > 0
 
@@ -104,3 +112,29 @@ def test_the_estimator_moves_block_activations_to_the_host():
     assert off["memory_bytes"]["activations"] - on["memory_bytes"]["activations"] == layers
     assert on["stages"][0]["host_activation_bytes"] == layers
     assert off["stages"][0]["host_activation_bytes"] == 0
+
+
+def test_backward_brings_the_previous_block_back_before_it_is_needed(monkeypatch):
+    """When backward first unpacks block k it starts the copy back of block k - 1 (on
+    CUDA: on the side stream, under block k's backward), so every block but the last
+    is fetched before its first use, and nothing comes back during forward."""
+    events = []
+    fetch, storage = offload._HostCopy.fetch, offload._HostCopy.storage
+    monkeypatch.setattr(offload._HostCopy, "fetch",
+                        lambda self: (events.append(("fetch", id(self))), fetch(self))[1])
+    monkeypatch.setattr(offload._HostCopy, "storage",
+                        lambda self: (events.append(("use", id(self))), storage(self))[1])
+    model = build_model(cfg_for("llama", "none", True), build_topology(), DEVICE)
+    rows = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    loss = model(rows[:, :-1], rows[:, 1:])
+    assert events == []  # forward only copies out
+    last = {id(c) for c in model.offload._last().copies}  # the last block: first in backward
+    loss.backward()
+    first = {}
+    for i, (kind, copy) in enumerate(events):
+        first.setdefault((kind, copy), i)
+    copies = {copy for _, copy in events}
+    late = {c for c in copies if first[("fetch", c)] > first[("use", c)]}
+    assert len(copies) > len(last) > 0 and late == last
+    del loss  # the graph is gone: so are the blocks' copies (nothing else holds them)
+    assert model.offload._last() is None

@@ -186,7 +186,8 @@ test_selection() {
     attention_fp32) selection=(tests/test_kernels.py -k "attention and not dtype1 and not dtype2") ;;
     attention_fp16) selection=(tests/test_kernels.py -k "attention and dtype1") ;;
     attention_bf16) selection=(tests/test_kernels.py -k "attention and dtype2") ;;
-    rest) selection=(tests/test_kernels.py tests/test_kernel_model.py -k "not attention") ;;
+    rest) selection=(tests/test_kernels.py tests/test_kernel_model.py tests/test_offload.py
+                     -k "not attention") ;;
   esac
 }
 

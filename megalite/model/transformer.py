@@ -338,6 +338,7 @@ class Transformer(nn.Module):
                 x = x + self.pos_embed(position_ids)
             x = F.dropout(x, self.cfg.dropout, self.training)
         recompute = self.recompute_blocks and torch.is_grad_enabled()
+        self.offload.new_chain()
         for i in self.stage.chunks[chunk]:
             with self.offload:  # one block at a time: its saved tensors go to the host
                 if recompute:
