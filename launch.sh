@@ -46,6 +46,11 @@ else
               --rdzv_id=megalite --rdzv_endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
 fi
 
+# Tensor parallelism overlaps its collectives with the GEMMs around them (parallel/
+# column_group.py): on CUDA that needs the communication kernel queued first, which one
+# hardware queue per device guarantees (Megatron sets the same). An explicit value wins.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+
 # torchrun in its own session: a terminal's Ctrl-C reaches this script, not torchrun.
 setsid python -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" \
   -m megalite.train "$@" &

@@ -86,6 +86,11 @@ class DenseLayers:
     def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
 
+    def project(self, x: torch.Tensor, columns) -> tuple:
+        """Several column layers applied to one input (tensor parallelism maps the input
+        once for all of them: parallel/column_group.py)."""
+        return tuple(layer(x) for layer in columns)
+
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return nn.Embedding(num_embeddings, dim)
 
@@ -163,6 +168,7 @@ class Attention(nn.Module):
         self.k_proj = layers.column(cfg.hidden_size, kv_width, bias)
         self.v_proj = layers.column(cfg.hidden_size, kv_width, bias)
         self.o_proj = layers.row(cfg.hidden_size, cfg.hidden_size, bias)
+        self.project = layers.project
         self.dropout = cfg.dropout
         self.impl = cfg.attention
         self.recompute_core = False  # selective recomputation: set by Transformer
@@ -186,7 +192,7 @@ class Attention(nn.Module):
         return projected.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
     def forward(self, x, rope):
-        q, k, v = (self._heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = map(self._heads, self.project(x, (self.q_proj, self.k_proj, self.v_proj)))
         if rope is not None:
             q, k = self.rotary(q, k, *rope)
         dropout_p = self.dropout if self.training else 0.0
@@ -215,11 +221,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, False)
         self.up_proj = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, False)
         self.down_proj = layers.row(cfg.ffn_hidden_size, cfg.hidden_size, False)
+        self.project = layers.project
         self.swiglu = ops.swiglu
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        hidden = self.swiglu(self.gate_proj(x), self.up_proj(x))
+        hidden = self.swiglu(*self.project(x, (self.gate_proj, self.up_proj)))
         return F.dropout(self.down_proj(hidden), self.dropout, self.training)
 
 
@@ -228,11 +235,13 @@ class GeluMLP(nn.Module):
         super().__init__()
         self.c_fc = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, True)
         self.c_proj = layers.row(cfg.ffn_hidden_size, cfg.hidden_size, True)
+        self.project = layers.project
         self.gelu = ops.gelu
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        return F.dropout(self.c_proj(self.gelu(self.c_fc(x))), self.dropout, self.training)
+        (hidden,) = self.project(x, (self.c_fc,))
+        return F.dropout(self.c_proj(self.gelu(hidden)), self.dropout, self.training)
 
 
 class Block(nn.Module):

@@ -57,6 +57,7 @@ class Group:
     seconds: Counter = field(default_factory=Counter)  # op name -> time blocked (settled)
     blocked: list = field(default_factory=list)  # (op, began, ended) not yet settled
     calls: int = 0  # collectives entered here: every member enters the same sequence
+    ops: Counter = field(default_factory=Counter)  # op name -> collectives entered
     last_op: str = "-"  # the last of them
     p2p_calls: int = 0  # posts and waits, apart: each pipeline stage has its own sequence
 
@@ -122,6 +123,7 @@ def _count(group: Group, op: str) -> int:
         group.p2p_calls += 1
         return group.p2p_calls
     group.calls += 1
+    group.ops[op] += 1
     group.last_op = op
     return group.calls
 
@@ -297,6 +299,47 @@ def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group: Group):
     parts = list(x.chunk(group.size))
     return start(group, "reduce_scatter", x.numel() * x.element_size(),
                  lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
+
+
+class Started:
+    """A collective in flight whose result `wait()` returns (tensor parallelism's
+    overlapped backward: parallel/column_group.py)."""
+
+    def __init__(self, pending: Pending | None, result):
+        self.pending, self.result = pending, result
+
+    def wait(self) -> torch.Tensor:
+        if self.pending is not None:
+            self.pending.wait()
+        return self.result()
+
+
+def all_gather_start(x: torch.Tensor, group: Group, dim: int) -> Started:
+    """`all_gather(x, group, dim)`, started; its result when waited for."""
+    if group.size == 1:
+        return Started(None, lambda: x)
+    x = x.contiguous()
+    _on_device(group, "all_gather", x)
+    parts = [torch.empty_like(x) for _ in range(group.size)]
+    work = start(group, "all_gather", x.numel() * x.element_size() * group.size,
+                 lambda: dist.all_gather(parts, x, group=group.pg, async_op=True))
+    return Started(Pending(work, group, "all_gather", keep=x), lambda: torch.cat(parts, dim))
+
+
+def reduce_start(x: torch.Tensor, group: Group, scatter_dim: int | None) -> Started:
+    """The sum of `x` over the group, started: all of it (in place, `scatter_dim` None)
+    or this rank's chunk of `scatter_dim` (a reduce-scatter)."""
+    if group.size == 1:
+        return Started(None, lambda: x)
+    if scatter_dim is None:
+        x = x.contiguous()
+        return Started(Pending(all_reduce_async(x, group), group, "all_reduce"), lambda: x)
+    parts = [c.contiguous() for c in x.chunk(group.size, dim=scatter_dim)]
+    out = torch.empty_like(parts[0])
+    _on_device(group, "reduce_scatter", x)
+    work = start(group, "reduce_scatter", x.numel() * x.element_size(),
+                 lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
+    return Started(Pending(work, group, "reduce_scatter", keep=x), lambda: out)
 
 
 def p2p(group: Group, sends: list, recvs: list) -> list:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
-from megalite.parallel import comm, regions
+from megalite.parallel import column_group, comm, regions
 from megalite.parallel.topology import Group, Topology
 
 
@@ -334,6 +334,10 @@ class TensorParallelLayers:
     def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return RowParallelLinear(in_features, out_features, bias, self.tp_group,
                                  self.sequence_parallel)
+
+    def project(self, x: torch.Tensor, columns) -> tuple:
+        """Column-parallel layers over one input, its mapping done once for all."""
+        return column_group.project(x, columns, self.tp_group, self.sequence_parallel)
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, dim, self.tp_group, self.sequence_parallel,

@@ -92,6 +92,7 @@ class Topology:
     def reset_bytes(self) -> None:
         for g in self.groups:
             g.bytes.clear()
+            g.ops.clear()
 
 
 def grid_rank(tp_rank: int, sp_rank: int, dp_rank: int, pp_rank: int, tp: int, sp: int,
