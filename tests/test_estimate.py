@@ -11,8 +11,9 @@ Tolerance 1%; they agree to a few bytes (the loss normaliser's scalar).
 
 Papers: Korthikanti et al. 2022 Table 2 per-layer activations for their 22B / 175B /
 530B / 1T configurations (Table 3), exactly, up to the named tensors our model keeps on
-top; the 1F1B and interleaved in-flight factors. Narayanan et al. 2021 Table 1 parameter
-counts (to the published 0.1 B), the FLOPs formulas 72BslH^2(..) and 96BslH^2(..)
+top, and within the issue's 10% for 22B at t 8 (tp, tp_sp, both selective); the 1F1B
+and interleaved in-flight factors. Narayanan et al. 2021 Table 1 parameter counts (to
+the published 0.1 B), the FLOPs formulas 72BslH^2(..) and 96BslH^2(..)
 (exact) and the training-time estimates of section 5.1 (34 and 84 days, to 3%), and
 (the planner's layouts: tests/test_planner.py). The ZeRO paper's 7.5B / 64 GPU
 example (Figure 1): every stage to 0.05 GB (fp16 gradients, the ZeRO 2/3 shard too).
@@ -285,12 +286,24 @@ def test_gpt2_layer_is_korthikanti_table2_plus_named_extras(name, tp, sp, recomp
     if recompute != "full":
         rows = s * b // (tp if sp else 1)
         extras += 2 * 8 * rows  # LayerNorm mean and rstd (fp32), two norms
-        if sp:  # q, k, v and c_fc each keep the gathered sequence, not a shard
-            extras += 2 * s * b * h * (3 + 1) - 2 * (2 * s * b * h // tp)
     if recompute == "none":
-        extras += 2 * b * (a // tp) * s * s + s * s  # softmax kept in fp32; causal mask
+        extras += s * s  # the causal mask
     expected = korthikanti_layer(s, b, h, a, tp, sp, recompute) + extras
     assert sum(layer_items(cfg).values()) == expected
+
+
+@pytest.mark.parametrize("sp,recompute", [(False, "none"), (True, "none"),
+                                          (False, "selective"), (True, "selective")],
+                         ids=["tp", "tp_sp", "tp-selective", "tp_sp-selective"])
+def test_gpt2_layer_within_10_percent_of_korthikanti_22b(sp, recompute):
+    """The issue's bound under the paper's assumptions: their 22B GPT (h 6144, a 64,
+    s 2048, b 4), t 8, fp16, dropout 0.1, eager attention."""
+    a, h, layers, tp, _, b, batch = KORTHIKANTI["22B"]
+    cfg = paper_config(a, h, layers, tp=tp, micro=b, batch=batch, **{
+        "train.precision": "fp16", "train.grad_dtype": "fp16", "parallel.tp_sp": sp,
+        "train.recompute": recompute})
+    paper = korthikanti_layer(2048, b, h, a, tp, sp, recompute)
+    assert sum(layer_items(cfg).values()) == pytest.approx(float(paper), rel=0.10)
 
 
 @pytest.mark.parametrize("name", ["175B", "530B", "1T"])
@@ -309,7 +322,9 @@ def test_first_stage_holds_korthikanti_in_flight_micro_batches(name):
     embedding = 9 * s * b + 8 * s + s * b * h // tp  # ids, positions, 1-byte dropout mask
     output = 2 * s * b * h // tp
     assert activations == layers * per_layer + pp * (embedding + output)
-    assert activations == pytest.approx(layers * per_layer, rel=0.02)
+    # ~ L layers: the mask and the held output add 3sbh/t a micro-batch, (p/L)(3/34)
+    # of the layers (4.4% at 1T)
+    assert activations == pytest.approx(layers * per_layer, rel=0.05)
     if name == "175B":
         v = 2
         cfg = paper_config(a, h, layers, tp, pp, b, batch, **{

@@ -153,8 +153,26 @@ def eager_attention(q, k, v, dropout_p: float):
     seq = scores.shape[-1]
     future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(q.dtype)).to(q.dtype)
+    probs = _Softmax.apply(scores)
     return F.dropout(probs, dropout_p, training=dropout_p > 0) @ v
+
+
+class _Softmax(torch.autograd.Function):
+    """Softmax over the last dim computed in fp32 and saved in the input's dtype, as
+    Megatron's fused softmax does: autograd would otherwise keep the fp32 result (twice
+    the bytes of 16-bit probabilities, the largest activation of eager attention)."""
+
+    @staticmethod
+    def forward(ctx, scores):
+        probs = torch.softmax(scores, dim=-1, dtype=compute_dtype(scores.dtype)).to(scores.dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        p, g = probs.to(compute_dtype(probs.dtype)), grad.to(compute_dtype(grad.dtype))
+        return (p * (g - (g * p).sum(-1, keepdim=True))).to(grad.dtype)
 
 
 class Attention(nn.Module):

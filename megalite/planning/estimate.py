@@ -18,13 +18,13 @@ hardware FLOPs of one global batch, and the bytes each pipeline stage holds per 
   device (a CPU dropout mask is model dtype, a CUDA one a byte; CPU sdpa with dropout
   is the fp32 math path) and the kernels (torch reference ops keep fp32 copies).
 - buffers: transients alive at the backward peak: ZeRO 3's gathered blocks, the
-  gradient bucket buffers, one layer's recomputation, the head's logits, p2p buffers.
+  gradient bucket buffers, one layer's recomputation, the head's logits, p2p buffers,
+  under tp_sp the input a column group gathers again in backward.
 
 The gpt2 preset with dropout and eager attention stores Korthikanti et al. (2022)
-Table 2's tensors plus four named extras (fp32 softmax, norm statistics, the causal
-mask, and under tp_sp the gathered inputs of the column layers); tests/test_estimate.py
-checks that to the byte. FLOPs follow Narayanan et al. (2021): model FLOPs are
-metrics.flops_per_token's, hardware FLOPs add the recomputed forward.
+Table 2's tensors plus two named extras (norm statistics, the causal mask); tests/test_estimate.py checks that to the byte. FLOPs follow Narayanan et al.
+(2021): model FLOPs are metrics.flops_per_token's, hardware FLOPs add the recomputed
+forward.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class _Shape:
         self.gpt2, self.sp, self.sp_mode = m.preset == "gpt2", p.sp, p.sp_mode
         self.b, self.seq, self.h = t.micro_batch_size, t.seq_len, m.hidden_size
         self.s = t.seq_len // p.sp  # this rank's piece of every sequence
-        self.tokens = self.b * self.s  # rows of a column layer's input
+        self.tokens = self.b * self.s  # rows of a column layer's (gathered) input
         self.rows = self.tokens // p.tp if p.tp_sp else self.tokens  # rows of the residual stream
         self.d = m.hidden_size // m.num_heads
         self.heads, self.kv_heads = m.num_heads // p.tp, m.num_kv_heads // p.tp
@@ -114,12 +114,10 @@ def _attention_op(x: _Shape, heads: int, kv_heads: int, seq: int) -> dict:
     e, b, d = x.e, x.b, x.d
     rows, scores = b * seq, b * heads * seq * seq
     q, kv, lse = e * rows * heads * d, e * rows * kv_heads * d, 4 * b * heads * seq
-    if x.attention == "eager":  # model.eager_attention: repeated k/v, fp32 softmax
-        items = {"q": q, "k": q, "v": q, "causal_mask": seq * seq, "softmax": 4 * scores}
+    if x.attention == "eager":  # model.eager_attention: repeated k/v, softmax saved in e
+        items = {"q": q, "k": q, "v": q, "causal_mask": seq * seq, "softmax": e * scores}
         if x.dropout:
             items.update(softmax_dropout_mask=x.mask * scores, softmax_dropout=e * scores)
-        elif e != 4:
-            items["softmax_cast"] = e * scores
         return items
     # Torch's fused SDPA kernels return [b, seq, heads, d] memory (on CPU only for such
     # inputs: not after the Triton rotary), so the output they keep is also o_proj's
@@ -163,11 +161,10 @@ def layer_items(cfg: Config, recompute: str | None = None) -> dict:
     if recompute == "full":  # checkpoint(block, x, rope) keeps the block input only
         return {"block_input": e * rows * h}
     items = _norm(x, "attn_norm")
-    # The column layers save their input: the norm output, shared; under tp_sp each of
-    # them all-gathers the sequence itself and keeps its own full copy (Megatron gathers
-    # once for a fused QKV and keeps the shard). Gathered copies per block half:
-    gathers = (3, 1 if x.gpt2 else 2) if x.tp > 1 and x.rows < x.tokens else (1, 1)
-    items["qkv_input"] = gathers[0] * e * t * h
+    # A column group (q/k/v, gate/up, c_fc) saves its input once: the norm output, under
+    # tp_sp only this rank's sequence shard (parallel/column_group.py re-gathers it in
+    # backward, as Megatron does).
+    items["qkv_input"] = e * rows * h
     if not x.gpt2 and not x.triton and e != 4:
         items["rope_cast"] = 2 * e * x.s * x.d  # cos/sin cast to the model dtype
     items.update(_attention_core(x, recompute == "selective"))
@@ -175,7 +172,7 @@ def layer_items(cfg: Config, recompute: str | None = None) -> dict:
     if x.dropout:
         items["attn_dropout_mask"] = x.mask * rows * h
     items.update(_norm(x, "mlp_norm"))
-    items["mlp_input"] = gathers[1] * e * t * h
+    items["mlp_input"] = e * rows * h
     if x.gpt2:
         items.update(mlp_hidden=e * t * x.ffn, mlp_act=e * t * x.ffn)  # gelu in, c_proj in
     else:  # gate, up, silu(gate) (torch ops only), down_proj input
@@ -270,6 +267,8 @@ def buffer_bytes(cfg: Config, pp_rank: int, state: dict, exact: bool = True) -> 
     if recompute != "none":  # the layer being recomputed in backward
         out["recompute"] = (sum(layer_items(cfg, "none").values()) -
                             sum(layer_items(cfg, recompute).values()))
+    if p.tp > 1 and p.tp_sp:  # a column group's backward re-gathers its saved shard
+        out["column_regather"] = x.e * x.tokens * x.h
     if pp_rank == p.pp - 1:  # logits and one fp32 working copy inside the loss
         out["head_logits"] = (x.e + 4) * x.tokens * x.vocab
     if cfg.train.offload_activations:  # the block being run, or brought back for backward

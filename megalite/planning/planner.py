@@ -105,9 +105,12 @@ def step_time(cfg: Config, cluster: Cluster) -> dict:
     t_bwd = t_mb - t_fwd
     layers = m.num_layers / p.pp
     activation = e * b * s * h
-    columns = 4 if m.preset == "gpt2" else 5
-    forward = (columns + 2) / 2 if p.tp_sp else 2
-    passes = columns + 2 + (forward if t.recompute == "full" else 0)
+    # All-reduce equivalents per block (an all-gather or a reduce-scatter is half of one),
+    # Megatron's (tests/test_tp_collectives.py): tp 2 forward + 2 backward; tp_sp (2 AG +
+    # 2 RS) + (4 AG + 2 RS); full recomputation repeats the forward's but its last
+    # reduction.
+    full = t.recompute == "full"
+    passes = 5 + 1.5 * full if p.tp_sp else 4 + full
     tp_comm = micro * layers * passes * _ring(activation, p.tp, cluster.bandwidth(p.tp), True)
     kv_width = m.num_kv_heads * (h // m.num_heads) / p.tp
     sp_bw = cluster.bandwidth(p.tp * p.sp)
