@@ -268,12 +268,15 @@ def all_gather_async(out: torch.Tensor, chunk: torch.Tensor, group: Group):
         out.copy_(chunk)
         return None
     _on_device(group, "all_gather", out, chunk)
-    parts = list(out.chunk(group.size))
     return start(group, "all_gather", out.numel() * out.element_size(),
-                 lambda: dist.all_gather(parts, chunk, group=group.pg, async_op=True))
+                 lambda: _gather_single(out, chunk, group=group.pg, async_op=True))
 
 
 REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+# Single-buffer collectives (one contiguous output / input, no list of chunks to copy
+# through): torch 2.13 renames them; 2.4 has only the older names.
+_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def all_reduce(x: torch.Tensor, group: Group, op: str = "sum") -> torch.Tensor:
@@ -296,9 +299,8 @@ def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group: Group):
     """Start the sum over the group of contiguous `x`, chunk r of it into `out` on rank r;
     returns Work (the group has more than one member)."""
     _on_device(group, "reduce_scatter", out, x)
-    parts = list(x.chunk(group.size))
     return start(group, "reduce_scatter", x.numel() * x.element_size(),
-                 lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
+                 lambda: _scatter_single(out, x, group=group.pg, async_op=True))
 
 
 class Started:
@@ -320,10 +322,11 @@ def all_gather_start(x: torch.Tensor, group: Group, dim: int) -> Started:
         return Started(None, lambda: x)
     x = x.contiguous()
     _on_device(group, "all_gather", x)
-    parts = [torch.empty_like(x) for _ in range(group.size)]
-    work = start(group, "all_gather", x.numel() * x.element_size() * group.size,
-                 lambda: dist.all_gather(parts, x, group=group.pg, async_op=True))
-    return Started(Pending(work, group, "all_gather", keep=x), lambda: torch.cat(parts, dim))
+    out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+    work = start(group, "all_gather", out.numel() * out.element_size(),
+                 lambda: _gather_single(out, x, group=group.pg, async_op=True))
+    return Started(Pending(work, group, "all_gather", keep=x),
+                   lambda: _along(out, group.size, dim))
 
 
 def reduce_start(x: torch.Tensor, group: Group, scatter_dim: int | None) -> Started:
@@ -334,11 +337,10 @@ def reduce_start(x: torch.Tensor, group: Group, scatter_dim: int | None) -> Star
     if scatter_dim is None:
         x = x.contiguous()
         return Started(Pending(all_reduce_async(x, group), group, "all_reduce"), lambda: x)
-    parts = [c.contiguous() for c in x.chunk(group.size, dim=scatter_dim)]
-    out = torch.empty_like(parts[0])
     _on_device(group, "reduce_scatter", x)
+    x, out = _ranks_first(x, group.size, scatter_dim)
     work = start(group, "reduce_scatter", x.numel() * x.element_size(),
-                 lambda: dist.reduce_scatter(out, parts, group=group.pg, async_op=True))
+                 lambda: _scatter_single(out, x, group=group.pg, async_op=True))
     return Started(Pending(work, group, "reduce_scatter", keep=x), lambda: out)
 
 
@@ -359,15 +361,36 @@ def p2p(group: Group, sends: list, recvs: list) -> list:
     return run(group, "p2p", nbytes, lambda: dist.batch_isend_irecv(ops))
 
 
+def _along(gathered: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """The n rank-major pieces of a single-buffer all-gather, joined along `dim` (free
+    for dim 0; a [B, S, H] sequence gather needs the one copy a concatenation would)."""
+    if dim == 0:
+        return gathered
+    pieces = gathered.unflatten(0, (n, -1))  # [n, *piece]
+    return pieces.movedim(0, dim).flatten(dim, dim + 1)
+
+
+def _ranks_first(x: torch.Tensor, n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x with rank r's chunk of `dim` as the r-th block of a contiguous buffer, the
+    output for this rank's chunk): no copy for dim 0, one (the chunking's) otherwise."""
+    if x.shape[dim] % n:
+        raise ValueError(f"reduce-scatter: dim {dim} of size {x.shape[dim]} is not divisible "
+                         f"by the group size {n}")
+    if dim != 0:  # [n, ..., chunk, ...] as blocks of dim 0, as the collective wants
+        x = x.unflatten(dim, (n, -1)).movedim(dim, 0).contiguous().flatten(0, 1)
+    x = x.contiguous()
+    return x, x.new_empty((x.shape[0] // n, *x.shape[1:]))
+
+
 def all_gather(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
     if group.size == 1:
         return x
     x = x.contiguous()
     _on_device(group, "all_gather", x)
-    parts = [torch.empty_like(x) for _ in range(group.size)]
-    run(group, "all_gather", x.numel() * x.element_size() * group.size,
-         lambda: dist.all_gather(parts, x, group=group.pg))
-    return torch.cat(parts, dim=dim)
+    out = x.new_empty((group.size * x.shape[0], *x.shape[1:]))
+    run(group, "all_gather", out.numel() * out.element_size(),
+        lambda: _gather_single(out, x, group=group.pg))
+    return _along(out, group.size, dim)
 
 
 def reduce_scatter(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
@@ -377,10 +400,9 @@ def reduce_scatter(x: torch.Tensor, group: Group, dim: int) -> torch.Tensor:
         raise ValueError(f"reduce-scatter over {group.name}: dim {dim} of size {x.shape[dim]} "
                          f"is not divisible by the group size {group.size}")
     _on_device(group, "reduce_scatter", x)
-    parts = [c.contiguous() for c in x.chunk(group.size, dim=dim)]
-    out = torch.empty_like(parts[0])
+    x, out = _ranks_first(x, group.size, dim)
     run(group, "reduce_scatter", x.numel() * x.element_size(),
-         lambda: dist.reduce_scatter(out, parts, group=group.pg))
+        lambda: _scatter_single(out, x, group=group.pg))
     return out
 
 
