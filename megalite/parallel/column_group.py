@@ -15,12 +15,8 @@ does it: backward starts the re-gather before it computes the input gradient (wh
 does not need it), and starts the input gradient's reduction before it computes the
 weight gradients (which do not need that); on CUDA the communication kernels are then
 queued ahead of the GEMMs they overlap with, which needs CUDA_DEVICE_MAX_CONNECTIONS=1
-(launch.sh sets it). The group runs as one GEMM, the weights concatenated along the
-output features (Megatron's fused QKV and gate/up), while the parameters stay those of
-each layer: every layer's weight is split over the ranks by its own output features,
-so each rank's slice is right under grouped-query attention by construction (whole
-query heads and whole key/value heads per rank), and names, checkpoints and the
-Hugging Face export and import are unchanged (no fused tensor to split or join).
+(launch.sh sets it). The parameters stay those of each layer (names, checkpoints and
+Hugging Face export are unchanged).
 """
 
 from __future__ import annotations
@@ -32,38 +28,32 @@ from megalite.parallel import comm
 
 
 class _ColumnGroup(torch.autograd.Function):
-    """One GEMM for the whole group (the weights concatenated along the output features,
-    a copy of the weights only), its output split into the layers' outputs."""
-
     @staticmethod
     def forward(ctx, x, group, sequence_parallel, *params):
         weights, biases = params[0::2], params[1::2]
         full = comm.all_gather(x, group, dim=1) if sequence_parallel else x
         ctx.save_for_backward(x, *weights)  # under tp_sp: the local shard only
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
-        ctx.has_bias = biases[0] is not None
-        ctx.sizes = [w.shape[0] for w in weights]
-        bias = torch.cat(biases) if ctx.has_bias else None
-        return F.linear(full, torch.cat(weights), bias).split(ctx.sizes, dim=-1)
+        ctx.has_bias = [b is not None for b in biases]
+        return tuple(F.linear(full, w, b) for w, b in zip(weights, biases))
 
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         group, sp = ctx.group, ctx.sequence_parallel
         gathering = comm.all_gather_start(x, group, dim=1) if sp else None
-        grad = torch.cat(grads, dim=-1)
-        grad_full = grad.matmul(torch.cat(weights))  # needs no input
+        grad_full = sum(g.matmul(w) for g, w in zip(grads, weights))  # needs no input
         reducing = comm.reduce_start(grad_full, group, 1 if sp else None)
         full = gathering.wait() if sp else x
-        flat_grad = grad.reshape(-1, grad.shape[-1])  # overlaps the reduction:
-        grad_w = flat_grad.t().matmul(full.reshape(-1, full.shape[-1])).split(ctx.sizes)
-        grad_b = flat_grad.sum(0).split(ctx.sizes) if ctx.has_bias else [None] * len(grad_w)
-        params = [t for pair in zip(grad_w, grad_b) for t in pair]
+        flat_in = full.reshape(-1, full.shape[-1])
+        params = []
+        for g, has_bias in zip(grads, ctx.has_bias):  # overlaps the reduction
+            flat_g = g.reshape(-1, g.shape[-1])
+            params += [flat_g.t().matmul(flat_in), flat_g.sum(0) if has_bias else None]
         return (reducing.wait(), None, None, *params)
 
 
 def project(x: torch.Tensor, layers, group, sequence_parallel: bool) -> tuple:
-    """Every column-parallel layer of `layers` applied to `x`, with one input mapping and
-    one GEMM (the layers all have a bias, or none has)."""
+    """Every column-parallel layer of `layers` applied to `x`, with one input mapping."""
     params = [t for layer in layers for t in (layer.weight, layer.bias)]
     return _ColumnGroup.apply(x, group, sequence_parallel, *params)
