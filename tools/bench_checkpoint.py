@@ -168,21 +168,11 @@ def raw_read(out: Path) -> float:
 
 
 def record(text: str, args) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md in place (or append it)."""
-    path = ROOT / "BENCHMARKS.md"
-    title = "## Checkpoint save / load (tools/bench_checkpoint.py)"
-    body = (f"{title}\n\nMeasured {datetime.date.today()} on {socket.gethostname()} "
-            f"({os.cpu_count()} CPU cores, disk under {args.dir.parent}) with "
-            f"`python {' '.join(sys.argv)}`.\n\n{text}\n")
-    old = path.read_text()
-    if title not in old:
-        path.write_text(old.rstrip() + "\n\n" + body)
-        return
-    start = old.index(title)
-    end = old.find("\n## ", start + len(title))
-    rest = old[end + 1:] if end != -1 else ""
-    path.write_text(old[:start] + body + ("\n" + rest if rest else ""))
-
+    from tools.benchmarks import record_section
+    record_section(f"## Checkpoint save / load (tools/bench_checkpoint.py)\n\nMeasured "
+                   f"{datetime.date.today()} on {socket.gethostname()} ({os.cpu_count()} CPU "
+                   f"cores, disk under {args.dir.parent}) with `python {' '.join(sys.argv)}`."
+                   f"\n\n{text}\n")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -238,17 +238,10 @@ units and the in-flight buckets; the estimator's total is within 10% of it under
 
 
 def record(text: str, command: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    title = "## ZeRO memory per rank (tools/bench_memory.py)"
-    body = (f"{title}\n\nMeasured {datetime.date.today()} on {socket.gethostname()} "
-            f"({os.cpu_count()} CPU cores, gloo) with `{command}`.\n\n{text}\n\n{NOTES}\n")
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if title in old:
-        start = old.index(title)
-        end = old.find("\n## ", start + len(title))
-        old = old[:start] + old[end + 1:] if end != -1 else old[:start]
-    path.write_text(old.rstrip() + "\n\n" + body)
-
+    from tools.benchmarks import record_section
+    record_section(f"## ZeRO memory per rank (tools/bench_memory.py)\n\nMeasured "
+                   f"{datetime.date.today()} on {socket.gethostname()} ({os.cpu_count()} CPU "
+                   f"cores, gloo) with `{command}`.\n\n{text}\n\n{NOTES}\n")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

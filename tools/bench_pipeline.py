@@ -52,7 +52,6 @@ import argparse
 import datetime
 import os
 import queue
-import re
 import socket
 import statistics
 import sys
@@ -274,13 +273,8 @@ def run_table(costs):
 
 def record(text: str, path: Path = ROOT / "BENCHMARKS.md"):
     """Put `text` in BENCHMARKS.md as the section SECTION, replacing an older one."""
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", doc).rstrip("\n") + "\n"
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
+    from tools.benchmarks import record_section
+    record_section(text, path)
 
 
 def main():

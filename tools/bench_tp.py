@@ -279,17 +279,10 @@ bytes and calls are exact and the same on every step and rank."""
 
 
 def record(text: str, notes_text: str, command: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    body = (f"{SECTION}\n\nMeasured {datetime.date.today()} on {socket.gethostname()} "
-            f"({os.cpu_count()} cores of {_cpu()}, gloo, torch {torch.__version__}) with "
-            f"`{command}`; after: {_checkout()}.\n\n{text}\n\n{notes_text}\n")
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in old:
-        start = old.index(SECTION)
-        end = old.find("\n## ", start + len(SECTION))
-        old = old[:start] + old[end + 1:] if end != -1 else old[:start]
-    path.write_text(old.rstrip() + "\n\n" + body)
-
+    from tools.benchmarks import record_section  # not in the 'before' checkout
+    record_section(f"{SECTION}\n\nMeasured {datetime.date.today()} on {socket.gethostname()} "
+                   f"({os.cpu_count()} cores of {_cpu()}, gloo, torch {torch.__version__}) with "
+                   f"`{command}`; after: {_checkout()}.\n\n{text}\n\n{notes_text}\n")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -191,16 +191,8 @@ def record(path: Path, text: str, command: str, loads: tuple) -> None:
             f"is the median over step pairs of megalite / plain - 1 (wall time, with the "
             f"range over pairs, and this process's CPU time, which other jobs disturb less); "
             f"the loss difference shows both loops did the same work.\n")
-    lines = path.read_text().splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.startswith(SECTION)), None)
-    if start is None:
-        new = "".join(lines).rstrip("\n") + "\n\n" + body
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + body + ("\n" + tail if tail else "")
-    path.write_text(new)
+    from tools.benchmarks import record_section
+    record_section(body, path)
 
 
 def main(argv):
