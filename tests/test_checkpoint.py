@@ -88,6 +88,21 @@ def test_resume_in_another_layout_and_back(cache, tmp_path, first_checkpoint,
     assert losses == pytest.approx(reference_losses[6:8], rel=FP64_RTOL)
 
 
+def test_format_2_checkpoint_resumes(cache, tmp_path, first_checkpoint, reference_losses):
+    """Format 2 held the optimizer state as boxes of the global tensors, as reshard writes
+    it: marked as version 2, such a checkpoint resumes with the uninterrupted losses."""
+    _, path = first_checkpoint
+    old = reshard(path, tmp_path / "v2", dict(FIRST))
+    index = json.loads((old / "index.json").read_text())
+    assert not any("offset" in piece for entry in index["tensors"].values()
+                   for piece in entry["pieces"])  # boxes only
+    index["format_version"] = 2
+    (old / "index.json").write_text(json.dumps(index))
+    losses, _ = first_result(run_on_ranks(
+        train_save, config_args(cache, tmp_path / "b", layout=layout_args(FIRST)), old, 3))
+    assert losses == pytest.approx(reference_losses[3:6], rel=FP64_RTOL)
+
+
 def all_tensors(path):
     reader = ckpt.CheckpointReader(path)
     return {n: reader.read(n) for n in reader.tensors}
