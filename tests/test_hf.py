@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megalite.parallel import fused
 from megalite.checkpoint import format as ckpt
 from megalite.hf import importer as hf_import
 from megalite.cli import parse_args
@@ -79,7 +80,7 @@ def random_model(cfg: ModelConfig) -> Transformer:
 def save(model, root, tokenizer, step=5) -> Path:
     cfg = Config(model=model.cfg)
     cfg.train.seq_len = model.cfg.max_seq_len
-    tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tensors = {n: t.clone() for n, t in fused.stored_tensors(model.named_parameters()).items()}
     meta = {"config": cfg.to_dict(), "tokenizer": str(tokenizer), "consumed_samples": 0,
             "loss": 2.5, "layout": {"tp": 1, "pp": 1}}
     return ckpt.save_checkpoint(root, step, {"model.safetensors": tensors}, meta, keep=1)
@@ -201,8 +202,9 @@ def test_import_llama_logits_and_tokenizer(hf_llama, imported):
     resolve(cfg, 512, "cpu")
     model = Transformer(cfg.model).eval()
     with torch.no_grad():
-        for name, value in ckpt.read_model_tensors(imported).items():
-            dict(model.named_parameters())[name].copy_(value)
+        stored = ckpt.read_model_tensors(imported)
+        for name, p in model.named_parameters():
+            p.copy_(fused.joined(name, p, stored))
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_llama, dtype=torch.float32,
                                                            attn_implementation="eager")
     with torch.no_grad():
@@ -247,7 +249,7 @@ def test_imported_checkpoint_prepares_data_and_resumes_training(imported, tmp_pa
     trainer = Trainer(cfg, resume=str(out))
     stored = ckpt.read_model_tensors(imported)
     assert trainer.step == 0 and trainer.optimizer.step_count == 0
-    for name, p in trainer.model.named_parameters():
+    for name, p in fused.stored_tensors(trainer.model.named_parameters()).items():
         assert torch.equal(p, stored[name]), name
     assert trainer.train() == 0 and trainer.step == 2
     assert torch.isfinite(torch.tensor(trainer.last_loss))
@@ -259,7 +261,7 @@ def test_gpt2_round_trip_and_import_errors(sp_model, tmp_path):
     step_dir = import_hf(export_hf(tmp_path / "ckpt", tmp_path / "hf"), tmp_path / "back",
                          weights_only=True)
     stored = ckpt.read_model_tensors(step_dir)
-    for name, p in model.named_parameters():
+    for name, p in fused.stored_tensors(model.named_parameters()).items():
         assert torch.equal(stored[name], p), name
     assert not ckpt.CheckpointReader(step_dir).names("optim")
     assert Tokenizer(ckpt.read_index(step_dir)["tokenizer"]).encode("x  = 1\n") == \

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megalite.config import Config, ModelConfig, resolve
+from megalite.parallel import fused
 from megalite.hf.names import from_hf, hf_config, hf_name_map, to_hf
 from megalite.model.init import init_parameters, init_tensor, normal_std
 from megalite.model.transformer import Transformer, num_params
@@ -52,7 +53,7 @@ def test_parameter_names_match_hf_map():
     gpt2 = ["embed.weight", "pos_embed.weight", "norm.weight", "norm.bias"] + [
         f"layers.{i}.{n}" for i in range(2) for n in gpt2_layer]
     for cfg, expected in ((make_cfg("llama"), llama), (make_cfg("gpt2"), gpt2)):
-        names = [n for n, _ in Transformer(cfg).named_parameters()]
+        names = list(fused.stored_shapes(Transformer(cfg).named_parameters()))
         assert sorted(names) == sorted(expected)
         assert sorted(hf_name_map(cfg)) == sorted(expected)
 
@@ -61,7 +62,7 @@ def test_gqa_and_tied_embeddings():
     cfg = make_cfg("llama", num_heads=4, num_kv_heads=2)
     model = make_model(cfg)
     attn = model.layers[0].attn
-    assert attn.q_proj.weight.shape == (32, 32) and attn.k_proj.weight.shape == (16, 32)
+    assert attn.qkv_proj.weight.shape == (32 + 16 + 16, 32)  # q, k, v fused
     assert model(tokens()).shape == (2, 12, VOCAB)
     gpt2 = Transformer(make_cfg("gpt2"))
     assert gpt2.lm_head.weight is gpt2.embed.weight
@@ -117,7 +118,7 @@ def test_logits_match_hugging_face(preset, fields):
     with torch.no_grad():  # random norms and biases too, so a swapped mapping shows
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=noise) * 0.1)
-    state = {n: p.detach() for n, p in model.named_parameters()}
+    state = fused.stored_tensors(model.named_parameters())
     hf_state = to_hf(state, cfg)
     round_trip = from_hf(hf_state, cfg)
     assert all(torch.equal(round_trip[n], state[n]) for n in state)

@@ -13,10 +13,11 @@ last reduction (the MLP output's): torch.utils.checkpoint stops recomputing once
 tensors backward needs are rebuilt, and nothing needs the block's output; selective
 recomputation (the attention core) repeats none. Outside the blocks, per micro-batch:
 the embedding (forward: an all-reduce, or under tp_sp a reduce-scatter whose backward
-is an all-gather), the head's input mapping (backward all-reduce; under tp_sp a
-forward all-gather and a backward reduce-scatter, each a full activation), and the
-vocab-parallel cross-entropy's three all-reduces of B x S values (max, sum of
-exponentials, target logit); per step, under tp_sp, one all-reduce of the replicated
+is an all-gather), the head's input mapping (a column layer like the others: backward
+all-reduce; under tp_sp a forward all-gather, a backward all-gather again and a
+reduce-scatter, each a full activation), and the
+vocab-parallel cross-entropy's one all-gather of every shard's log-sum-exp and target
+logit (2 x B x S values per shard); per step, under tp_sp, one all-reduce of the replicated
 parameters' gradients that saw a sequence shard (norm weights).
 """
 
@@ -56,7 +57,7 @@ def expected(tp: int, tp_sp: bool, recompute: str, elem: int, norm_params: int):
     full = recompute == "full"  # the forward's collectives again, but the last reduction
     if tp_sp:
         per_block = {"all_gather": 2 + 4 + 2 * full, "reduce_scatter": 2 + 2 + full}
-        outside = {"all_gather": 1 + 1, "reduce_scatter": 1 + 1}  # embedding, head
+        outside = {"all_gather": 1 + 2, "reduce_scatter": 1 + 1}  # embedding, head
     else:
         per_block, outside = {"all_reduce": 2 + 2 + full}, {"all_reduce": 1 + 1}
     calls = {k: MICRO * (LAYERS * n + outside[k]) for k, n in per_block.items()}

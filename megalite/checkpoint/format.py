@@ -49,6 +49,7 @@ from safetensors.torch import save_file
 from megalite.checkpoint import flat
 from megalite.data.tokenizer import file_sha256
 from megalite.errors import CheckpointError
+from megalite.parallel import fused
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # 2: optimizer state in boxes only
@@ -397,8 +398,8 @@ def check_shapes(index: dict, expected: dict[str, tuple], what: str = "model") -
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike, index: dict) -> None:
     """Copy the checkpoint's model tensors into a single-device model after checking shapes."""
     params = dict(model.named_parameters())  # tied weights appear once
-    check_shapes(index, {n: tuple(p.shape) for n, p in params.items()})
+    check_shapes(index, fused.stored_shapes(params.items()))
     state = read_model_tensors(path)
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state[name])
+        for name, p in params.items():  # a fused projection from the parts it is stored as
+            p.copy_(fused.joined(name, p, state))

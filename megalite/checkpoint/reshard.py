@@ -23,6 +23,7 @@ from megalite.checkpoint import format as ckpt
 from megalite.config import config_from_dict
 from megalite.errors import CheckpointError, ConfigError
 from megalite.model.transformer import Transformer
+from megalite.parallel import fused
 from megalite.parallel.pipeline.stage import stage_spec
 from megalite.parallel.tensor import check_tp_layout
 from megalite.parallel.topology import grid_rank
@@ -36,7 +37,8 @@ def _stage_names(model_cfg, pp: int, virtual: int, pp_rank: int, explicit: str) 
     stage = stage_spec(model_cfg.num_layers, pp, virtual, pp_rank, explicit) if pp > 1 else None
     with torch.device("meta"):
         model = Transformer(model_cfg, stage=stage)
-    return [n for n, p in model.named_parameters() if not getattr(p, "pipeline_tied_copy", False)]
+    return list(fused.stored_shapes((n, p) for n, p in model.named_parameters()
+                                    if not getattr(p, "pipeline_tied_copy", False)))
 
 
 def target_config(index: dict, layout: dict):

@@ -39,6 +39,7 @@ from megalite.checkpoint import format as ckpt
 from megalite.config import ModelConfig
 from megalite.errors import CheckpointError
 from megalite.model.transformer import Transformer
+from megalite.parallel import fused
 from megalite.parallel.tensor import (TensorParallelLayers, VocabParallelEmbedding,
                                       VocabParallelHead, padded_vocab_size)
 from megalite.parallel.topology import Group
@@ -48,15 +49,17 @@ STATE_KEYS = ("exp_avg", "exp_avg_sq", "master")
 
 @functools.lru_cache(maxsize=8)
 def _partitioning(model_json: str) -> dict[str, dict]:
-    """{name: {"shape", "split_dim", "vocab"}} of the whole model: how tensor parallelism
-    cuts each parameter, from a meta-device model built with the TP layer factory."""
+    """{stored name: {"shape", "split_dim", "vocab"}} of the whole model: how tensor
+    parallelism cuts each stored tensor (a fused projection's parts, parallel/fused.py),
+    from a meta-device model built with the TP layer factory."""
     cfg = ModelConfig(**json.loads(model_json))
     with torch.device("meta"):
         model = Transformer(cfg, layers=TensorParallelLayers(Group("tp", (0,), 0)))
     vocab = {id(m.weight) for m in model.modules()
              if isinstance(m, (VocabParallelEmbedding, VocabParallelHead))}
-    return {n: {"shape": list(p.shape), "split_dim": p.tp_split_dim, "vocab": id(p) in vocab}
-            for n, p in model.named_parameters()}
+    return {stored: {"shape": list(meta.shape), "split_dim": meta.tp_split_dim,
+                     "vocab": id(p) in vocab}
+            for n, p in model.named_parameters() for stored, _, meta in fused.parts(n, p)}
 
 
 def partitioning(model_cfg) -> dict[str, dict]:
@@ -147,23 +150,27 @@ def _write_rank_files(trainer, writes: _Writes) -> None:
         with opt.unit_gathered(bucket):
             if topo.dp_sp_group.rank == 0:
                 for p, _ in bucket.params:
-                    name = opt.names[id(p)]
-                    sliced = _slice_meta(parts[name], topo, pad)
-                    if sliced is None or getattr(p, "pipeline_tied_copy", False):
-                        continue
-                    meta, start, stop = sliced
-                    model.append(ckpt.Piece(name, _stored(p.detach(), parts[name], start, stop),
-                                            start, {"kind": "model", **meta}))
+                    for stored, row, local in fused.parts(opt.names[id(p)], p, topo.tp):
+                        sliced = _slice_meta(parts[stored], topo, pad)
+                        if sliced is None or getattr(p, "pipeline_tied_copy", False):
+                            continue
+                        meta, start, stop = sliced
+                        value = p.detach().narrow(0, row, local.shape[0])
+                        model.append(ckpt.Piece(stored, _stored(value, parts[stored], start, stop),
+                                                start, {"kind": "model", **meta}))
                 writes.add(f"model-{r:05d}-{bucket.index:04d}.safetensors", model)
         optim = []
         for name, p, inside, views in state.get(bucket.index, []):
-            sliced = _slice_meta(parts[name], topo, pad)
-            if sliced is None or getattr(p, "pipeline_tied_copy", False):
-                continue
-            meta, start, _ = sliced
-            where = {"slice_start": start, "slice_shape": list(p.shape), "offset": inside}
-            optim += [ckpt.Piece(f"{name}/{key}", view, None, {"kind": "optim", **meta}, where)
-                      for key, view in views.items()]
+            length = next(iter(views.values())).numel()
+            for stored, local, offset, at, n in fused.flat_pieces(name, p, topo.tp, inside, length):
+                sliced = _slice_meta(parts[stored], topo, pad)
+                if sliced is None or getattr(p, "pipeline_tied_copy", False):
+                    continue
+                meta, start, _ = sliced
+                where = {"slice_start": start, "slice_shape": list(local.shape), "offset": offset}
+                optim += [ckpt.Piece(f"{stored}/{key}", view[at:at + n], None,
+                                     {"kind": "optim", **meta}, where)
+                          for key, view in views.items()]
         writes.add(f"optim-{r:05d}-{bucket.index:04d}.safetensors", optim)
     rng = [ckpt.Piece(f"rng/{key}/{r}", value, None, {"kind": "rng", "shape": [value.numel()]})
            for key, value in _rng_states(trainer.device).items()]
@@ -200,11 +207,12 @@ def _check_complete(trainer, reader: ckpt.CheckpointReader) -> None:
     """Before any state changes: the model's shapes, and state for every parameter."""
     parts = partitioning(trainer.cfg.model)
     ckpt.check_shapes(reader.index, {n: tuple(i["shape"]) for n, i in parts.items()})
-    for name, _ in trainer.optimizer.named:
-        for key in ("exp_avg", "exp_avg_sq"):
-            if f"{name}/{key}" not in reader.tensors:
-                raise CheckpointError(f"checkpoint '{reader.path}' has no optimizer state "
-                                      f"'{key}' for '{name}'; it is incomplete.")
+    for name, p in trainer.optimizer.named:
+        for stored, _, _ in fused.parts(name, p):
+            for key in ("exp_avg", "exp_avg_sq"):
+                if f"{stored}/{key}" not in reader.tensors:
+                    raise CheckpointError(f"checkpoint '{reader.path}' has no optimizer state "
+                                          f"'{key}' for '{stored}'; it is incomplete.")
 
 
 def _fill(trainer, reader: ckpt.CheckpointReader) -> None:
@@ -215,21 +223,25 @@ def _fill(trainer, reader: ckpt.CheckpointReader) -> None:
     parts, pad = partitioning(cfg.model), cfg.parallel.vocab_pad_multiple
 
     def fill(view, key, name, p, inside):
-        info = parts[name]
-        start, _ = tp_box(info, topo.tp, topo.tp_rank, pad)
-        for at, lo, hi in flat.runs(start, list(p.shape), inside, view.numel(), info["shape"]):
-            flat.box_view(view, at, lo, hi).copy_(reader.read(key, lo, hi))
+        """`view`, p's flat range from `inside`, from the stored tensors `key(stored)`."""
+        for stored, local, offset, at, n in fused.flat_pieces(name, p, topo.tp, inside,
+                                                              view.numel()):
+            info, part = parts[stored], view[at:at + n]
+            start, _ = tp_box(info, topo.tp, topo.tp_rank, pad)
+            for at2, lo, hi in flat.runs(start, list(local.shape), offset, n, info["shape"]):
+                flat.box_view(part, at2, lo, hi).copy_(reader.read(key(stored), lo, hi))
 
-    def truth(name):
-        return f"{name}/master" if f"{name}/master" in reader.tensors else name
+    def truth(stored):
+        return f"{stored}/master" if f"{stored}/master" in reader.tensors else stored
 
     with torch.no_grad():
         for name, p, inside, view in opt.param_ranges():
-            fill(view, truth(name), name, p, inside)
+            fill(view, truth, name, p, inside)
         keys = ("exp_avg", "exp_avg_sq", *(("master",) if opt.separate_master else ()))
         for name, p, inside, views in opt.state_ranges(keys):
             for key, view in views.items():
-                fill(view, truth(name) if key == "master" else f"{name}/{key}", name, p, inside)
+                fill(view, truth if key == "master" else lambda s, k=key: f"{s}/{k}",
+                     name, p, inside)
 
 
 def _read_rng(trainer, reader: ckpt.CheckpointReader) -> dict:

@@ -33,6 +33,7 @@ from megalite.hf.export import staged_directory
 from megalite.hf.names import from_hf, hf_name_map, model_fields_from_hf
 from megalite.hf.tokenizer import copy_tokenizer
 from megalite.model.transformer import Transformer
+from megalite.parallel import fused
 from megalite.optim.schedule import LRSchedule
 
 # Buffers, not parameters, that some HF checkpoints store: causal masks, rotary tables.
@@ -100,7 +101,7 @@ def read_hf_weights(hf_dir: Path, model_cfg: ModelConfig) -> dict[str, torch.Ten
 
 def _check_shapes(tensors: dict[str, torch.Tensor], model_cfg: ModelConfig) -> None:
     with torch.device("meta"):
-        expected = {n: tuple(p.shape) for n, p in Transformer(model_cfg).named_parameters()}
+        expected = fused.stored_shapes(Transformer(model_cfg).named_parameters())
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"HF weight for '{name}' has shape {list(tensors[name].shape)}, "

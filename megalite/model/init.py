@@ -30,6 +30,7 @@ import math
 import torch
 import torch.nn as nn
 
+from megalite.parallel import fused
 from megalite.parallel.tensor import local_range
 
 BLOCK_ROWS = 64
@@ -89,9 +90,10 @@ def _tp_shard(module: nn.Module) -> tuple[int, int]:
     return (group.rank, group.size) if group is not None else (0, 1)
 
 
-def _local_rows(name: str, param: nn.Parameter, rows: slice, tp_rank: int, tp_size: int,
+def _local_rows(name: str, param, rows: slice, tp_rank: int, tp_size: int,
                 seed: int, std: float) -> torch.Tensor:
-    """Rows `rows` of this rank's slice of the global tensor `name`, drawing only those."""
+    """Rows `rows` of this rank's slice of the global tensor `name`, drawing only those
+    (`param`: a parameter, or a fused parameter's part, parallel/fused.py)."""
     global_shape = tuple(getattr(param, "global_shape", param.shape))
     split = getattr(param, "tp_split_dim", None)
     if split is None:
@@ -135,6 +137,18 @@ class ParameterInit:
 
     def values(self, param: nn.Parameter, start: int, length: int) -> torch.Tensor:
         name, tp_rank, tp_size = self.owner[id(param)]
+        pieces = fused.flat_pieces(name, param, tp_size, start, length)
+        if not pieces:
+            return torch.empty(0)
+        if len(pieces) == 1:
+            stored, meta, inside, _, _ = pieces[0]
+            return self._values(stored, meta, inside, length, tp_rank, tp_size)
+        # a fused projection: each part drawn as the separate tensor it is stored as
+        return torch.cat([self._values(stored, meta, inside, n, tp_rank, tp_size)
+                          for stored, meta, inside, _, n in pieces])
+
+    def _values(self, name: str, param, start: int, length: int, tp_rank: int,
+                tp_size: int) -> torch.Tensor:
         constant = constant_value(name)
         if constant is not None:
             return torch.full((length,), constant)

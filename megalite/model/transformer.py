@@ -6,8 +6,10 @@
   everywhere, head tied to the token embedding by default.
 
 Weights follow the Hugging Face LlamaForCausalLM / GPT2LMHeadModel conventions
-(nn.Linear [out, in], separate q/k/v projections), so export is a renaming; the
-exact mapping lives in megalite/hf/names.py.
+(nn.Linear [out, in]), so export is a renaming; the exact mapping lives in
+megalite/hf/names.py. q/k/v and gate/up each run as one fused GEMM (`qkv_proj`,
+`gate_up_proj`), stored as the separate q/k/v and gate/up tensors
+(parallel/fused.py).
 
 Parallelism hooks, so later layers change classes, not this code:
 - every projection, the embeddings and the LM head are built by a `layers` factory
@@ -49,6 +51,7 @@ from kernels import get_ops
 from kernels.reference import compute_dtype
 from megalite.config import ModelConfig
 from megalite.model.offload import ActivationOffload
+from megalite.parallel import fused
 from megalite.parallel.sequence import sequence_attention
 from megalite.parallel.pipeline.stage import StageSpec
 from megalite.parallel.tensor import mark_replicated
@@ -85,11 +88,6 @@ class DenseLayers:
 
     def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
-
-    def project(self, x: torch.Tensor, columns) -> tuple:
-        """Several column layers applied to one input (tensor parallelism maps the input
-        once for all of them: parallel/column_group.py)."""
-        return tuple(layer(x) for layer in columns)
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return nn.Embedding(num_embeddings, dim)
@@ -182,11 +180,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.hidden_size // cfg.num_heads
         kv_width = cfg.num_kv_heads * self.head_dim
         bias = cfg.preset == "gpt2"
-        self.q_proj = layers.column(cfg.hidden_size, cfg.hidden_size, bias)
-        self.k_proj = layers.column(cfg.hidden_size, kv_width, bias)
-        self.v_proj = layers.column(cfg.hidden_size, kv_width, bias)
+        parts = (("q_proj", cfg.hidden_size), ("k_proj", kv_width), ("v_proj", kv_width))
+        self.qkv_proj = fused.column(layers, cfg.hidden_size, parts, bias)
         self.o_proj = layers.row(cfg.hidden_size, cfg.hidden_size, bias)
-        self.project = layers.project
         self.dropout = cfg.dropout
         self.impl = cfg.attention
         self.recompute_core = False  # selective recomputation: set by Transformer
@@ -210,9 +206,13 @@ class Attention(nn.Module):
         return projected.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
     def forward(self, x, rope):
-        q, k, v = map(self._heads, self.project(x, (self.q_proj, self.k_proj, self.v_proj)))
+        qkv = self.qkv_proj(x)
+        q, k, v = map(self._heads, qkv.split(fused.local_widths(self.qkv_proj, qkv.shape[-1]), -1))
         if rope is not None:
             q, k = self.rotary(q, k, *rope)
+            # q and k are new tensors now; a view v would keep the un-rotated q and k (its
+            # base, the fused output) alive until backward: copy v out instead.
+            v = v.contiguous()
         dropout_p = self.dropout if self.training else 0.0
         if self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, dropout_p, use_reentrant=False)
@@ -236,15 +236,15 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: DenseLayers, ops):
         super().__init__()
-        self.gate_proj = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, False)
-        self.up_proj = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, False)
+        parts = (("gate_proj", cfg.ffn_hidden_size), ("up_proj", cfg.ffn_hidden_size))
+        self.gate_up_proj = fused.column(layers, cfg.hidden_size, parts, False)
         self.down_proj = layers.row(cfg.ffn_hidden_size, cfg.hidden_size, False)
-        self.project = layers.project
         self.swiglu = ops.swiglu
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        hidden = self.swiglu(*self.project(x, (self.gate_proj, self.up_proj)))
+        gate_up = self.gate_up_proj(x)
+        hidden = self.swiglu(*gate_up.chunk(2, dim=-1))  # views: the kernels take row strides
         return F.dropout(self.down_proj(hidden), self.dropout, self.training)
 
 
@@ -253,12 +253,11 @@ class GeluMLP(nn.Module):
         super().__init__()
         self.c_fc = layers.column(cfg.hidden_size, cfg.ffn_hidden_size, True)
         self.c_proj = layers.row(cfg.ffn_hidden_size, cfg.hidden_size, True)
-        self.project = layers.project
         self.gelu = ops.gelu
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        (hidden,) = self.project(x, (self.c_fc,))
+        hidden = self.c_fc(x)
         return F.dropout(self.c_proj(self.gelu(hidden)), self.dropout, self.training)
 
 

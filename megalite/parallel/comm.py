@@ -305,7 +305,7 @@ def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group: Group):
 
 class Started:
     """A collective in flight whose result `wait()` returns (tensor parallelism's
-    overlapped backward: parallel/column_group.py)."""
+    overlapped backward: parallel/column_linear.py)."""
 
     def __init__(self, pending: Pending | None, result):
         self.pending, self.result = pending, result

@@ -2,19 +2,16 @@
 
 | function                  | forward                          | backward                         |
 |---------------------------|----------------------------------|----------------------------------|
-| copy_to_group             | identity                         | all-reduce                       |
-| reduce_from_group         | all-reduce                       | identity                         |
-| scatter_to_group(dim)     | keep this rank's chunk of `dim`  | all-gather along `dim`           |
+| reduce_from_group         | all-reduce (in place)            | identity                         |
 | gather_from_group(dim)    | all-gather along `dim`           | keep this rank's chunk of `dim`  |
-| gather_for_column(dim)    | all-gather along `dim`           | reduce-scatter along `dim`       |
 | reduce_scatter_to_group   | reduce-scatter along `dim`       | all-gather along `dim`           |
 | all_to_all(scatter, gather) | split `scatter`, exchange, concatenate on `gather` | the inverse exchange |
 
-Megatron's tensor parallelism uses copy/reduce around column/row-parallel linears;
-its sequence parallelism (tp_sp) uses gather_for_column before a column-parallel
-linear (the gradient flowing back is a partial sum per rank, hence reduce-scatter) and
-reduce_scatter_to_group after a row-parallel one. The `sp` dimension's all-to-all
-attention uses all_to_all.
+Megatron's tensor parallelism reduces after a row-parallel linear (reduce_from_group,
+or under tp_sp reduce_scatter_to_group); a column-parallel linear maps its input in its
+own autograd function (parallel/column_linear.py), which saves only the local sequence
+shard under tp_sp. gather_from_group assembles full logits for generation; the `sp`
+dimension's all-to-all attention uses all_to_all.
 
 Each is an autograd Function over comm.py's collectives (which count the bytes and
 check the devices), and a no-op on a group of one.
@@ -28,49 +25,30 @@ from megalite.parallel.comm import (Group, all_gather, all_reduce, all_to_all_te
                                     reduce_scatter, split)
 
 
-class _CopyToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.contiguous(), ctx.group), None
-
-
 class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.contiguous().clone(), group)
+        # In place: x is a fresh product (a row layer's GEMM, the embedding's lookup) that
+        # nothing saved; mark_dirty tells autograd, which rejects it if that ever changes.
+        if not x.is_contiguous():
+            return all_reduce(x.contiguous(), group)
+        ctx.mark_dirty(x)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-class _ScatterToGroup(torch.autograd.Function):
+class _GatherFromGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return split(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, ctx.group, ctx.dim), None, None
-
-
-class _GatherFromGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim, reduce_grad):
-        ctx.group, ctx.dim, ctx.reduce_grad = group, dim, reduce_grad
         return all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.reduce_grad:
-            return reduce_scatter(grad, ctx.group, ctx.dim), None, None, None
-        return split(grad, ctx.group, ctx.dim), None, None, None
+        return split(grad, ctx.group, ctx.dim), None, None
 
 
 class _ReduceScatterToGroup(torch.autograd.Function):
@@ -96,25 +74,12 @@ class _AllToAll(torch.autograd.Function):
         return all_to_all_tensor(grad, ctx.group, gather_dim, scatter_dim), None, None, None
 
 
-def copy_to_group(x, group: Group):
-    return x if group.size == 1 else _CopyToGroup.apply(x, group)
-
-
 def reduce_from_group(x, group: Group):
     return x if group.size == 1 else _ReduceFromGroup.apply(x, group)
 
 
-def scatter_to_group(x, group: Group, dim: int = -1):
-    return x if group.size == 1 else _ScatterToGroup.apply(x, group, dim % x.ndim)
-
-
 def gather_from_group(x, group: Group, dim: int = -1):
-    return x if group.size == 1 else _GatherFromGroup.apply(x, group, dim % x.ndim, False)
-
-
-def gather_for_column(x, group: Group, dim: int):
-    """All-gather a sequence-sharded input of a column-parallel layer (tp_sp)."""
-    return x if group.size == 1 else _GatherFromGroup.apply(x, group, dim % x.ndim, True)
+    return x if group.size == 1 else _GatherFromGroup.apply(x, group, dim % x.ndim)
 
 
 def reduce_scatter_to_group(x, group: Group, dim: int):

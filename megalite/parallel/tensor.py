@@ -23,6 +23,7 @@ Every parameter of a model built here carries metadata so that the optimizer,
 checkpoints and init can reason about it without knowing layer types:
     p.tp_split_dim            0 (split rows), 1 (split columns) or None (replicated)
     p.global_shape            the unpadded global shape
+    p.fused_parts             a fused projection's parts (parallel/fused.py)
     p.vocab_padding           zero rows appended along dim 0 before splitting (vocab)
     p.sequence_parallel_grad  True when the gradient on each TP rank is a partial sum
                               over its sequence shard (replicated parameters under
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 
 from kernels.reference import compute_dtype
 from megalite.errors import ConfigError
-from megalite.parallel import column_group, comm, regions
+from megalite.parallel import comm, fused, regions
+from megalite.parallel.column_linear import column_linear
 from megalite.parallel.topology import Group, Topology
 
 
@@ -135,11 +137,7 @@ class ColumnParallelLinear(nn.Module):
                      if bias else None)
 
     def forward(self, x):
-        if self.sequence_parallel:
-            x = regions.gather_for_column(x, self.tp_group, dim=1)
-        else:
-            x = regions.copy_to_group(x, self.tp_group)
-        return F.linear(x, self.weight, self.bias)
+        return column_linear(x, self.weight, self.bias, self.tp_group, self.sequence_parallel)
 
 
 class RowParallelLinear(nn.Module):
@@ -292,6 +290,8 @@ def global_tensor(p: nn.Parameter, local: torch.Tensor, tp_group: Group) -> torc
     if p.tp_split_dim is None:
         return local
     full = comm.all_gather(local, tp_group, dim=p.tp_split_dim)
+    if fused.is_fused(p):
+        return fused.local_to_global_rows(p, full, tp_group.size)
     return full.narrow(p.tp_split_dim, 0, p.global_shape[p.tp_split_dim])
 
 
@@ -300,6 +300,8 @@ def local_slice(p: nn.Parameter, global_value: torch.Tensor, tp_rank: int,
     """This rank's shard of `global_value` (unpadded global shape), pad rows zero."""
     if p.tp_split_dim is None:
         return global_value
+    if fused.is_fused(p):
+        return fused.global_to_local_rows(p, global_value, tp_rank, tp_size).contiguous()
     if p.vocab_padding:
         pad = global_value.new_zeros((p.vocab_padding, *global_value.shape[1:]))
         global_value = torch.cat([global_value, pad])
@@ -334,10 +336,6 @@ class TensorParallelLayers:
     def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
         return RowParallelLinear(in_features, out_features, bias, self.tp_group,
                                  self.sequence_parallel)
-
-    def project(self, x: torch.Tensor, columns) -> tuple:
-        """Column-parallel layers over one input, its mapping done once for all."""
-        return column_group.project(x, columns, self.tp_group, self.sequence_parallel)
 
     def embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, dim, self.tp_group, self.sequence_parallel,

@@ -161,9 +161,9 @@ def layer_items(cfg: Config, recompute: str | None = None) -> dict:
     if recompute == "full":  # checkpoint(block, x, rope) keeps the block input only
         return {"block_input": e * rows * h}
     items = _norm(x, "attn_norm")
-    # A column group (q/k/v, gate/up, c_fc) saves its input once: the norm output, under
-    # tp_sp only this rank's sequence shard (parallel/column_group.py re-gathers it in
-    # backward, as Megatron does).
+    # A fused column layer (q/k/v, gate/up) or c_fc saves its input once: the norm
+    # output, under tp_sp only this rank's sequence shard (parallel/column_linear.py
+    # gathers it again in backward, as Megatron does).
     items["qkv_input"] = e * rows * h
     if not x.gpt2 and not x.triton and e != 4:
         items["rope_cast"] = 2 * e * x.s * x.d  # cos/sin cast to the model dtype
@@ -202,7 +202,7 @@ def head_items(cfg: Config) -> dict:
     """Last virtual stage: final norm, head input and what the loss keeps."""
     x = _Shape(cfg)
     items = _norm(x, "final_norm")
-    items["head_input"] = x.e * x.tokens * x.h
+    items["head_input"] = x.e * x.rows * x.h  # under tp_sp the shard (column_linear.py)
     if x.tp > 1:  # parallel.tensor's vocab-parallel cross-entropy
         items.update(logits=x.e * x.tokens * x.vocab, loss_stats=14 * x.tokens)
     elif x.triton:  # the fused loss computes and keeps d(loss)/d(logits)
