@@ -3,14 +3,25 @@
     python tools/bench_kernels.py                      # 8192 tokens, vocab 32000 and 128256
     python tools/bench_kernels.py --tokens 16384 --only attention cross_entropy
     python tools/bench_kernels.py --record             # also append the table to BENCHMARKS.md
+    python tools/bench_kernels.py --only vocab_parallel_ce --vocab 50257   # padded tp 2 shards
 
 Every row is forward + backward (AdamW: one step). The bandwidth column counts the
 unavoidable traffic (each input read once, each output written once, forward and
 backward) divided by the time, against the ceiling of a large device-to-device copy;
 attention reports TFLOP/s (causal: half the S^2 matmul work, backward 2.5x forward)
 against a large bf16 matmul. Cross-entropy also reports the peak memory one
-forward + backward adds on top of the logits. Needs a CUDA GPU; without one it says
-so and exits 0 without writing anything.
+forward + backward adds on top of the logits.
+
+vocab_parallel_ce is the loss of a head under tp 2, in one process: the vocabulary
+padded to a multiple of 2 * --pad-multiple and split in two [tokens, padded/2] shards,
+each rank's forward + backward in turn, with a no-op combine (one process, so no
+collective is timed). Its time is both ranks' work (compare the cross_entropy row of
+the whole vocabulary); its peak memory is one rank's, since a rank's gradient is freed
+before the next rank runs. "eager" there is megalite's torch path
+(megalite.parallel.tensor.vocab_parallel_cross_entropy on a one-member group), not
+compiled: megalite does not compile its loss.
+
+Needs a CUDA GPU; without one it says so and exits 0 without writing anything.
 """
 
 import argparse
@@ -27,7 +38,11 @@ DEVICE = "cuda"
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 4096, 11008, 32, 8, 128
 ADAMW_ELEMENTS = 256 * 2**20
 KERNELS = ("rms_norm", "layer_norm", "rotary", "swiglu", "gelu", "cross_entropy",
-           "attention", "adamw")
+           "vocab_parallel_ce", "attention", "adamw")
+# Rows whose peak memory is also reported, and rows without a torch.compile column.
+MEMORY_ROWS = ("cross_entropy", "vocab_parallel_ce")
+NOT_COMPILED = ("vocab_parallel_ce",)
+TP = 2  # the tensor-parallel size the vocab_parallel_ce rows split the vocabulary over
 
 
 def parse_args(argv):
@@ -36,6 +51,9 @@ def parse_args(argv):
                         help="tokens per batch (4096-16384 for the 7B-like shapes)")
     parser.add_argument("--seq", type=int, default=4096, help="sequence length for attention")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--pad-multiple", type=int, default=128,
+                        help="vocab_parallel_ce pads the vocabulary to a multiple of "
+                             f"{TP} * this (parallel.vocab_pad_multiple)")
     parser.add_argument("--only", nargs="+", choices=KERNELS, default=list(KERNELS))
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--record", action="store_true", help="append to BENCHMARKS.md")
@@ -71,6 +89,41 @@ def peak_extra_gib(run):
     run()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def vocab_parallel_case(tokens, vocab, pad_multiple):
+    """The vocab_parallel_ce row of one vocabulary: (shape, impls, make_run, padded).
+
+    Each impl is fn(shard, targets, vocab_start, vocab_size) -> this rank's loss.
+    """
+    from kernels import triton_ops
+    from megalite.parallel import comm, tensor
+
+    padded = tensor.padded_vocab_size(vocab, TP, pad_multiple)
+    width = padded // TP
+    # Both ranks' shards of one problem; padding columns hold zeros as the head's do.
+    logits = torch.randn(tokens, padded, device=DEVICE, dtype=torch.bfloat16)
+    logits[:, vocab:] = 0
+    shards = [logits[:, r * width:(r + 1) * width].clone().requires_grad_()
+              for r in range(TP)]
+    del logits
+    targets = torch.randint(0, vocab, (tokens,), device=DEVICE)
+    alone = comm.Group("tp", (0,), 0, None, torch.device(DEVICE))  # no-op collectives
+
+    def triton(shard, targets, start, vocab_size):
+        return triton_ops.vocab_parallel_cross_entropy(
+            shard, targets, start, lambda x, op: x, vocab_size=vocab_size)
+
+    def eager(shard, targets, start, vocab_size):
+        return tensor.vocab_parallel_cross_entropy(shard, targets, alone, start, vocab_size)
+
+    def make_run(fn):
+        runs = [fwd_bwd(fn, (shard, targets, r * width, vocab))
+                for r, shard in enumerate(shards)]
+        return lambda: [run() for run in runs]
+
+    shape = f"tp {TP}: {TP} x [{tokens}, {width}], vocab {vocab}"
+    return shape, {"triton": triton, "eager": eager}, make_run, padded
 
 
 def ceilings():
@@ -134,6 +187,11 @@ def cases(args):
             # Unavoidable: read the logits once, write their gradient once.
             yield ("cross_entropy", f"[{t}, {vocab}]", pair("cross_entropy"),
                    training(rand(t, vocab), targets), gb(t * vocab, 2), "GB/s")
+    if "vocab_parallel_ce" in args.only:
+        for vocab in args.vocab:
+            shape, impls, make_run, padded = vocab_parallel_case(t, vocab, args.pad_multiple)
+            # As cross_entropy: read the logits once, write their gradient once.
+            yield "vocab_parallel_ce", shape, impls, make_run, gb(t * padded, 2), "GB/s"
     if "attention" in args.only:
         q = rand(batch, HEADS, args.seq, HEAD_DIM)
         k, v = (rand(batch, KV_HEADS, args.seq, HEAD_DIM) for _ in range(2))
@@ -153,14 +211,14 @@ def cases(args):
 def measure(args, bandwidth_gbs, matmul_tflops):
     rows, memory_rows = [], []
     for name, shape, impls, make_run, work, unit in cases(args):
-        if not args.no_compile:
+        if not args.no_compile and name not in NOT_COMPILED:
             impls["compile"] = torch.compile(impls["eager"])
         times = {}
         for label, fn in impls.items():
             run = make_run(fn)
             try:
                 times[label] = time_ms(run)
-                if name == "cross_entropy":
+                if name in MEMORY_ROWS:
                     memory_rows.append((shape, label, peak_extra_gib(run)))
             except Exception as error:  # a compile failure should not hide the other rows
                 print(f"{name} {label}: {type(error).__name__}: {error}", file=sys.stderr)
@@ -190,7 +248,8 @@ def table(rows, memory_rows, bandwidth_gbs, matmul_tflops):
                      f"| {fmt(speed['eager'], '.2f', 'x')} | {fmt(speed['compile'], '.2f', 'x')} |")
     if memory_rows:
         lines += ["", "Cross-entropy peak memory added by forward + backward (bf16 logits "
-                  "already allocated):", "", "| shape | impl | peak GiB |", "|---|---|---|"]
+                  f"already allocated; the tp {TP} rows: one rank's):", "",
+                  "| shape | impl | peak GiB |", "|---|---|---|"]
         lines += [f"| {shape} | {label} | {peak:.2f} |" for shape, label, peak in memory_rows]
     return "\n".join(lines)
 

@@ -95,8 +95,8 @@ class DenseLayers:
     def position_embedding(self, num_positions: int, dim: int) -> nn.Module:
         return nn.Embedding(num_positions, dim)
 
-    def head(self, hidden_size: int, vocab_size: int, cross_entropy) -> nn.Module:
-        return LMHead(hidden_size, vocab_size, cross_entropy)
+    def head(self, hidden_size: int, vocab_size: int, ops) -> nn.Module:
+        return LMHead(hidden_size, vocab_size, ops.cross_entropy)
 
     def annotate(self, model: nn.Module) -> None:
         mark_replicated(model)
@@ -325,7 +325,7 @@ class Transformer(nn.Module):
         for block in self.layers.values():
             block.attn.recompute_core = recompute == "selective"
         self.norm = make_norm(cfg, ops) if last else None
-        self.lm_head = layers.head(cfg.hidden_size, cfg.vocab_size, ops.cross_entropy) if last else None
+        self.lm_head = layers.head(cfg.hidden_size, cfg.vocab_size, ops) if last else None
         if tied and last:
             # Same factory, same (padded) vocabulary rows per rank: the shapes agree.
             self.lm_head.weight = self.embed.weight

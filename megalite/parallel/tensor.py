@@ -211,20 +211,30 @@ class VocabParallelHead(ColumnParallelLinear):
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, tp_group: Group,
-                 sequence_parallel: bool, pad_to_multiple: int, cross_entropy):
+                 sequence_parallel: bool, pad_to_multiple: int, ops):
         padded = padded_vocab_size(vocab_size, tp_group.size, pad_to_multiple)
         super().__init__(hidden_size, padded, False, tp_group, sequence_parallel)
         _mark(self.weight, 0, (vocab_size, hidden_size), vocab_padding=padded - vocab_size)
         self.vocab_size = vocab_size
         self.vocab_start = tp_group.rank * (padded // tp_group.size)
         # The op table's full-vocabulary loss (maybe a fused kernel): exact only when
-        # one rank holds the whole, unpadded vocabulary.
-        self.cross_entropy = cross_entropy
+        # one rank holds the whole, unpadded vocabulary. Otherwise the Triton op table's
+        # vocab-parallel kernel (model.kernels=triton, the default on CUDA: one pass over
+        # the shard, padding masked, no fp32 copy of the logits, no host sync), or the
+        # torch path below (the CPU reference). Functions, not the ops module: modules
+        # cannot be deep-copied.
+        self.cross_entropy = ops.cross_entropy
+        self.fused_vocab_parallel = getattr(ops, "vocab_parallel_cross_entropy", None)
         self.whole_vocab = tp_group.size == 1 and padded == vocab_size
 
     def loss(self, logits, targets):
         if self.whole_vocab:
             return self.cross_entropy(logits, targets)
+        if self.fused_vocab_parallel is not None:
+            group = self.tp_group
+            return self.fused_vocab_parallel(logits, targets, self.vocab_start,
+                                             lambda x, op: comm.all_reduce(x, group, op),
+                                             vocab_size=self.vocab_size)
         return vocab_parallel_cross_entropy(logits, targets, self.tp_group, self.vocab_start,
                                             self.vocab_size)
 
@@ -346,9 +356,9 @@ class TensorParallelLayers:
             return SequenceShardedPositions(num_positions, dim, self.tp_group)
         return nn.Embedding(num_positions, dim)
 
-    def head(self, hidden_size: int, vocab_size: int, cross_entropy) -> nn.Module:
+    def head(self, hidden_size: int, vocab_size: int, ops) -> nn.Module:
         return VocabParallelHead(hidden_size, vocab_size, self.tp_group, self.sequence_parallel,
-                                 self.pad_to_multiple, cross_entropy)
+                                 self.pad_to_multiple, ops)
 
     def annotate(self, model: nn.Module) -> None:
         mark_replicated(model, self.sequence_parallel)

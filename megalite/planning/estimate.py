@@ -203,10 +203,10 @@ def head_items(cfg: Config) -> dict:
     x = _Shape(cfg)
     items = _norm(x, "final_norm")
     items["head_input"] = x.e * x.rows * x.h  # under tp_sp the shard (column_linear.py)
-    if x.tp > 1:  # parallel.tensor's vocab-parallel cross-entropy
-        items.update(logits=x.e * x.tokens * x.vocab, loss_stats=14 * x.tokens)
-    elif x.triton:  # the fused loss computes and keeps d(loss)/d(logits)
+    if x.triton:  # the fused loss (vocab-parallel too) computes and keeps d(loss)/d(logits)
         items["logits_grad"] = x.e * x.tokens * x.vocab
+    elif x.tp > 1:  # parallel.tensor's torch vocab-parallel cross-entropy
+        items.update(logits=x.e * x.tokens * x.vocab, loss_stats=14 * x.tokens)
     else:
         items.update(log_softmax=4 * x.tokens * x.vocab, targets=8 * x.tokens)
     return items
@@ -267,10 +267,11 @@ def buffer_bytes(cfg: Config, pp_rank: int, state: dict, exact: bool = True) -> 
     if recompute != "none":  # the layer being recomputed in backward
         out["recompute"] = (sum(layer_items(cfg, "none").values()) -
                             sum(layer_items(cfg, recompute).values()))
-    if p.tp > 1 and p.tp_sp:  # a column group's backward re-gathers its saved shard
+    if p.tp > 1 and p.tp_sp:  # a column layer's backward gathers its saved shard again
         out["column_regather"] = x.e * x.tokens * x.h
-    if pp_rank == p.pp - 1:  # logits and one fp32 working copy inside the loss
-        out["head_logits"] = (x.e + 4) * x.tokens * x.vocab
+    if pp_rank == p.pp - 1:  # logits, and the torch loss's fp32 working copy (the Triton
+        # kernels stream the logits: no [tokens, vocab] fp32 tensor)
+        out["head_logits"] = (x.e + (0 if x.triton else 4)) * x.tokens * x.vocab
     if cfg.train.offload_activations:  # the block being run, or brought back for backward
         out["offloaded_block"] = sum(layer_items(cfg).values())
     if p.pp > 1:  # the receives waiting for their action, and a gradient send in flight
