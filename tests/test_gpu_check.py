@@ -25,6 +25,7 @@ import torch
 from megalite.config import ModelConfig
 from megalite.model.init import init_parameters
 from megalite.model.transformer import Transformer
+from megalite.parallel import fused
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
@@ -145,7 +146,7 @@ def test_plain_model_has_megalite_parameters_at_the_benchmarked_size():
     with torch.device("meta"):  # shapes only, no memory
         plain = bench.PlainLlama(m)
         ours = Transformer(dataclasses.replace(m, kernels="torch", attention="sdpa"))
-    assert shapes(plain) == shapes(ours)
+    assert shapes(plain) == fused.stored_shapes(ours.named_parameters())  # q, k, v apart
     assert 1.0e9 < sum(p.numel() for p in plain.parameters()) < 1.2e9
 
 
@@ -157,13 +158,17 @@ def test_plain_model_computes_megalites_loss_and_gradients_on_cpu():
     ours = Transformer(m)
     init_parameters(ours, seed=3, std=0.02)
     plain = bench.PlainLlama(m)
-    plain.load_state_dict(ours.state_dict())  # strict: the same names and shapes
+    # strict: the same names and shapes as megalite stores (its q/k/v, gate/up fused)
+    plain.load_state_dict(fused.stored_tensors(ours.named_parameters()))
     tokens = torch.randint(0, 61, (2, 21), generator=torch.Generator().manual_seed(0))
     losses = [model(tokens[:, :-1], tokens[:, 1:]) for model in (plain, ours)]
     assert math.isfinite(losses[0].item()) and abs(losses[0].item() - math.log(61)) < 0.5
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
     for loss in losses:
         loss.backward()
-    grads = [dict((n, p.grad) for n, p in model.named_parameters()) for model in (plain, ours)]
-    for name, grad in grads[0].items():
-        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    ours_grads = {}
+    for name, p in ours.named_parameters():
+        grads = fused.split_global(p, p.grad) if fused.is_fused(p) else [p.grad]
+        ours_grads.update(zip([stored for stored, _, _ in fused.parts(name, p)], grads))
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(p.grad, ours_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -20,6 +20,7 @@ from megalite.checkpoint import format as ckpt
 from parity import prepared_cache
 from megalite.cli import parse_args
 from megalite.errors import CheckpointError
+from megalite.parallel import fused
 from megalite.training.trainer import Trainer
 
 
@@ -65,7 +66,7 @@ def test_checkpoint_round_trip(cache, reference, tmp_path):
     trainer = Trainer(cfg, resume=str(reference / "checkpoints" / "step_0000012"))
     path = reference / "checkpoints" / "step_0000012"
     stored = ckpt.read_model_tensors(path)
-    for name, p in trainer.model.named_parameters():
+    for name, p in fused.stored_tensors(trainer.model.named_parameters()).items():
         assert torch.equal(p, stored[name]), name
     assert trainer.step == 12 and trainer.sampler.state_dict()["consumed_samples"] == 96
     reader = ckpt.CheckpointReader(path)

@@ -23,7 +23,7 @@ from megalite.config import load_config, resolve
 from megalite.errors import ConfigError
 from megalite.optim.scaler import DynamicLossScaler
 from megalite.optim.zero import ZeroOptimizer
-from megalite.parallel import comm
+from megalite.parallel import comm, fused
 from megalite.model.build import build_model
 from megalite.parallel.sequence import shard_batch
 from megalite.parallel.topology import build_topology, destroy_topology
@@ -82,7 +82,7 @@ def reference(clip, steps=STEPS):
                 p.grad.mul_(clip / (norm + 1e-6))
         opt.step()
         history.append((loss.item(), norm))
-    return history, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return history, {n: p.clone() for n, p in fused.stored_tensors(model.named_parameters()).items()}
 
 
 def train_on_ranks(case: dict, steps: int = STEPS, inject_inf_step: int = -1, start: int = 0,

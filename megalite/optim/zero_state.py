@@ -1,7 +1,8 @@
 """ZeroOptimizer's state exchange: its sharded flat buffers as per-parameter tensors.
 
 Checkpoints and tests see the optimizer through these methods, never through its
-flat layout: `state_tensors()` ("name/exp_avg", "name/exp_avg_sq", and "name/master"
+flat layout, under the names checkpoints store (a fused projection as its parts):
+`state_tensors()` ("name/exp_avg", "name/exp_avg_sq", and "name/master"
 under bf16/fp16), `param_tensors()`, `grad_tensors()` (after `prepare_step`), all
 gathered over dp x sp (and over TP unless `tp_global=False`: this TP rank's padded
 shard), and `load_state_tensors()`, which takes the same shapes back for this
@@ -15,6 +16,7 @@ import contextlib
 import torch
 
 from megalite.errors import CheckpointError
+from megalite.parallel import fused
 from megalite.parallel.tensor import to_global, to_local
 
 
@@ -30,14 +32,25 @@ class ZeroStateExchange:
     def _owned_named(self):
         return [(n, p) for n, p in self.named if not getattr(p, "pipeline_tied_copy", False)]
 
+    def _stored(self, name: str, p, value: torch.Tensor, tp_global: bool) -> dict:
+        """{stored name: tensor} of p's `value` (global or this TP rank's): a fused
+        projection's parts, else p itself (parallel/fused.py)."""
+        if not fused.is_fused(p):
+            return {name: value}
+        parts = fused.parts(name, p, 1 if tp_global else self.topo.tp)
+        values = value.split([meta.shape[0] for _, _, meta in parts])
+        return {stored: v for (stored, _, _), v in zip(parts, values)}
+
     def _per_param(self, flat: torch.Tensor, tp_global: bool, key: str = "") -> dict:
-        """Split a whole-layout flat tensor into the owned parameters' tensors."""
+        """Split a whole-layout flat tensor into the owned parameters' tensors, under the
+        names checkpoints store them by (a fused projection as its parts)."""
         out = {}
         for name, p in self._owned_named():
             off = self.where[id(p)]
             local = flat[off:off + p.numel()].view(p.shape)
-            out[f"{name}/{key}" if key else name] = (to_global(p, local, self.topo)
-                                                    if tp_global else local.clone())
+            value = to_global(p, local, self.topo) if tp_global else local.clone()
+            for stored, v in self._stored(name, p, value, tp_global).items():
+                out[f"{stored}/{key}" if key else stored] = v
         return out
 
     @torch.no_grad()
@@ -70,8 +83,12 @@ class ZeroStateExchange:
         """The model parameters (model dtype) this stage owns, by name."""
         with self.gathered_params():
             # clones: under ZeRO 3 the gathered storage is freed on leaving
-            return {n: to_global(p, p.detach().clone(), self.topo) if tp_global
-                    else p.detach().clone() for n, p in self._owned_named()}
+            out = {}
+            for n, p in self._owned_named():
+                value = to_global(p, p.detach().clone(), self.topo) if tp_global \
+                    else p.detach().clone()
+                out.update(self._stored(n, p, value, tp_global))
+            return out
 
     @contextlib.contextmanager
     def gathered_params(self):
@@ -134,13 +151,15 @@ class ZeroStateExchange:
                    tp_global: bool) -> torch.Tensor | None:
         flat = torch.zeros(self.layout.total, dtype=self.master_dtype, device=self.device)
         for name, p in self.named:
-            value = tensors.get(f"{name}/{key}" if key else name)
-            if value is None:
+            parts = [tensors.get(f"{stored}/{key}" if key else stored)
+                     for stored, _, _ in fused.parts(name, p)]
+            if any(v is None for v in parts):
                 if required:
                     raise CheckpointError(f"the checkpoint has no '{name}/{key or 'value'}' "
                                           f"for parameter '{name}'; it was written by another "
                                           f"model or is incomplete.")
                 return None
+            value = torch.cat(parts) if len(parts) > 1 else parts[0]
             off = self.where[id(p)]
             value = value.to(self.device, self.master_dtype)
             local = to_local(p, value, self.topo) if tp_global else value

@@ -67,12 +67,13 @@ def stored_shapes(named_params) -> dict[str, tuple]:
     return out
 
 
-def stored_tensors(named_params) -> dict[str, torch.Tensor]:
-    """{stored name: value} of a single-device model's (name, parameter) pairs: a fused
-    projection split into its parts (detached views)."""
+def stored_tensors(named_params, grads: bool = False) -> dict[str, torch.Tensor]:
+    """{stored name: value} (or the gradient) of a single-device model's (name, parameter)
+    pairs: a fused projection split into its parts (detached views)."""
     out = {}
     for name, p in named_params:
-        values = split_global(p, p.detach()) if is_fused(p) else [p.detach()]
+        value = p.grad if grads else p.detach()
+        values = split_global(p, value) if is_fused(p) else [value]
         out.update({stored: v for (stored, _, _), v in zip(parts(name, p), values)})
     return out
 
