@@ -13,6 +13,12 @@
 
 "torch" is the reference used on CPU and in tests; "triton" runs the Triton kernels
 (CUDA, or the interpreter under TRITON_INTERPRET=1).
+
+Outside the table, ring attention (megalite/parallel/sequence.py) calls the flash
+kernel's block mode directly: `flash_attention.flash_attention_forward(q, k, v, causal,
+out_dtype) -> (out, lse)` for one (query chunk, key chunk) block, diagonal (causal) or
+full, and `flash_attention_backward(do, q, k, v, out, lse, causal, delta, grads)` fed the
+merged output and global lse, adding the block's gradients into `grads` in place.
 """
 
 from types import ModuleType

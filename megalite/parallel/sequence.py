@@ -10,6 +10,8 @@ ranks' tokens is attention. Two ways to do that:
   Causal attention makes late tokens cost more than early ones, so the sequence is cut
   into 2*sp chunks and rank i holds chunks i and 2*sp-1-i: every rank then does the
   same amount of work at every step (causal load balancing). Works for any head count.
+  Each (query chunk, key chunk) block runs in the Triton flash kernel on CUDA (memory
+  O(S/sp) per block) and in fp32 torch on CPU (the reference: O((S/sp)^2) scores).
 - `all_to_all` (Ulysses): an all-to-all trades the sequence split for a head split, each
   rank runs ordinary causal attention on sp-th of the heads over the full sequence,
   and a second all-to-all trades back. Uses a contiguous sequence split and needs the
@@ -135,9 +137,37 @@ class _RingExchange:
 
 # ---------------------------------------------------------------- blockwise attention
 #
-# Inside the ring, q is viewed as [B, Hkv, g, S, D] (g = Hq/Hkv query heads per kv head,
-# the repeat_interleave order of GQA), so a k/v block [B, Hkv, S, D] broadcasts over g
-# without being expanded and its gradient sums over g by itself.
+# The ring works on [B, Hq, S, D] tensors and hands each block (one query chunk, one key
+# chunk) to a block kernel: the Triton flash kernel on CUDA, memory O(c) per block, or
+# the eager fp32 blocks below, the CPU path and reference, which materialise the
+# [B, Hkv, g, c, c] scores. Both take causal=True for the diagonal block.
+
+# Which block kernel the ring runs: "auto" (flash on CUDA, eager on CPU), "flash" (the
+# kernel on any device: tests run it on CPU in the Triton interpreter, which needs
+# TRITON_INTERPRET=1 set before triton is first imported) or "eager" (the reference, on
+# any device: benchmarks compare the two on CUDA). Where the kernel does not take the
+# inputs (no Triton, fp64, head dims other than 16..128 powers of two) the ring is eager.
+BLOCK_KERNEL = "auto"
+
+
+def _flash_kernels():
+    """kernels.flash_attention, or None where Triton cannot be imported."""
+    try:
+        from kernels import flash_attention
+    except ImportError:
+        return None
+    return flash_attention
+
+
+def ring_block_kernel(q: torch.Tensor) -> str:
+    """'flash' or 'eager': how ring attention computes its blocks for this q (see
+    BLOCK_KERNEL)."""
+    if BLOCK_KERNEL not in ("auto", "flash", "eager"):
+        raise ValueError(f"sequence.BLOCK_KERNEL={BLOCK_KERNEL!r}: use auto, flash or eager")
+    if BLOCK_KERNEL == "eager" or (BLOCK_KERNEL == "auto" and not q.is_cuda):
+        return "eager"
+    flash = _flash_kernels()
+    return "flash" if flash is not None and flash.supports(q) else "eager"
 
 
 def _visibility(q_chunk: int, k_chunk: int) -> str | None:
@@ -158,6 +188,12 @@ def _visible_blocks(sp_size: int, sp_rank: int, owner: int):
                 yield qi, ki, seen == "diagonal"
 
 
+def _grouped(x, num_kv_heads):
+    """[B, Hq, ...] as [B, Hkv, g, ...] (g = Hq/Hkv, GQA's repeat_interleave order), a
+    view: a k/v block [B, Hkv, c, D] broadcasts over g and its gradient sums over g."""
+    return x.view(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])
+
+
 def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
     acc = compute_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
@@ -168,19 +204,32 @@ def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
     return s
 
 
-def _block_forward(q, k, v, causal, scale, out, lse):
-    """Attend q to one k/v block and merge into the running (out, lse), both fp32."""
-    s = _scores(q, k, causal, scale)
-    block_lse = torch.logsumexp(s, dim=-1)
-    block_out = torch.matmul(torch.exp(s - block_lse.unsqueeze(-1)), v.to(s.dtype).unsqueeze(2))
+def _eager_block_forward(q, k, v, causal, scale):
+    """(out, lse) of q [B, Hq, c, D] attending to one k/v block, in fp32 (fp64) torch."""
+    s = _scores(_grouped(q, k.shape[1]), k, causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(s.dtype).unsqueeze(2))
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _flash_block_forward(q, k, v, causal, scale):
+    # fp32 block output: the merge rounds once, at the end, as the eager path does
+    return _flash_kernels().flash_attention_forward(q, k, v, causal=causal,
+                                                    out_dtype=compute_dtype(q.dtype))
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Fold one block's (out, lse) into the running (out, lse), in place."""
     new_lse = torch.logaddexp(lse, block_lse)
     out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
     out.add_(block_out * torch.exp(block_lse - new_lse).unsqueeze(-1))
     lse.copy_(new_lse)
 
 
-def _block_backward(q, k, v, dout, lse, delta, causal, scale, dq, dk, dv):
-    """Add one block's contributions to dq [.., g, c, D] and dk/dv [.., c, D] (fp32)."""
+def _eager_block_backward(q, k, v, dout, lse, delta, causal, scale, dq, dk, dv):
+    """Add one block's contributions to dq [B, Hq, c, D] and dk/dv [B, Hkv, c, D]."""
+    hkv = k.shape[1]
+    q, dout, dq, lse, delta = (_grouped(t, hkv) for t in (q, dout, dq, lse, delta))
     p = torch.exp(_scores(q, k, causal, scale) - lse.unsqueeze(-1))
     dv.add_(torch.matmul(p.transpose(-1, -2), dout).sum(2))
     dp = torch.matmul(dout, v.to(p.dtype).unsqueeze(2).transpose(-1, -2))
@@ -189,36 +238,36 @@ def _block_backward(q, k, v, dout, lse, delta, causal, scale, dq, dk, dv):
     dk.add_(torch.matmul(ds.transpose(-1, -2), q.to(p.dtype)).sum(2), alpha=scale)
 
 
-def _grouped(q, num_kv_heads):
-    b, hq, s, d = q.shape
-    return q.reshape(b, num_kv_heads, hq // num_kv_heads, s, d)
+def _flash_block_backward(q, k, v, dout, lse, delta, causal, scale, dq, dk, dv):
+    # lse and delta are the merged softmax's: the kernel adds this block's exact share
+    _flash_kernels().flash_attention_backward(dout, q, k, v, None, lse, causal=causal,
+                                              delta=delta, grads=(dq, dk, dv))
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        b, hq, s_local, d = q.shape
-        hkv = k.shape[1]
-        scale = 1.0 / math.sqrt(d)
-        qg = _grouped(q, hkv)
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        flash = ring_block_kernel(q) == "flash"
+        block_forward = _flash_block_forward if flash else _eager_block_forward
         acc = compute_dtype(q.dtype)
-        out = torch.zeros(qg.shape, dtype=acc, device=q.device)
-        lse = torch.full(qg.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-        out_parts, lse_parts = out.chunk(2, dim=3), lse.chunk(2, dim=3)  # views, merged in place
-        q_parts = qg.chunk(2, dim=3)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
+        out_parts, lse_parts = out.chunk(2, dim=2), lse.chunk(2, dim=2)  # views, merged in place
+        q_parts = q.chunk(2, dim=2)
         kv = torch.stack([k, v])
         for step in range(group.size):
             hop = _RingExchange(kv, group) if step < group.size - 1 else None
             owner = (group.rank - step) % group.size
             for qi, ki, diagonal in _visible_blocks(group.size, group.rank, owner):
                 k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
-                _block_forward(q_parts[qi], k_blk, v_blk, diagonal, scale, out_parts[qi],
-                               lse_parts[qi])
+                _merge(out_parts[qi], lse_parts[qi],
+                       *block_forward(q_parts[qi], k_blk, v_blk, diagonal, scale))
             if hop is not None:
                 kv = hop.wait()
-        out = out.reshape(b, hq, s_local, d).to(q.dtype)
-        ctx.group = group
+        out = out.to(q.dtype)
+        ctx.group, ctx.flash = group, flash
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -226,17 +275,21 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         group = ctx.group
-        b, hq, s_local, d = q.shape
-        hkv = k.shape[1]
-        scale = 1.0 / math.sqrt(d)
-        qg = _grouped(q, hkv)
+        scale = 1.0 / math.sqrt(q.shape[-1])
         acc = compute_dtype(q.dtype)
-        dout_g = _grouped(dout.contiguous(), hkv).to(acc)
-        # delta_i = sum_j P_ij dP_ij = rowsum(dO * O): the softmax-backward correction
-        delta = (dout_g * _grouped(out, hkv).to(acc)).sum(-1)
-        dq = torch.zeros(qg.shape, dtype=acc, device=q.device)
-        q_parts, dq_parts = qg.chunk(2, dim=3), dq.chunk(2, dim=3)
-        dout_parts, lse_parts, delta_parts = (t.chunk(2, dim=3) for t in (dout_g, lse, delta))
+        dout = dout.contiguous()
+        # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) of the merged output: the
+        # softmax-backward correction, the same for every block of a query row
+        if ctx.flash:
+            block_backward = _flash_block_backward
+            delta = _flash_kernels().attention_delta(dout, out)
+        else:
+            block_backward = _eager_block_backward
+            dout = dout.to(acc)
+            delta = (dout * out.to(acc)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        q_parts, dq_parts = q.chunk(2, dim=2), dq.chunk(2, dim=2)
+        dout_parts, lse_parts, delta_parts = (t.chunk(2, dim=2) for t in (dout, lse, delta))
         kv = torch.stack([k, v])
         dkv_hop = None
         for step in range(group.size):
@@ -248,8 +301,8 @@ class _RingAttention(torch.autograd.Function):
             for qi, ki, diagonal in _visible_blocks(group.size, group.rank, owner):
                 k_blk, v_blk = (t.chunk(2, dim=2)[ki] for t in kv)
                 dk_blk, dv_blk = (t.chunk(2, dim=2)[ki] for t in dkv)
-                _block_backward(q_parts[qi], k_blk, v_blk, dout_parts[qi], lse_parts[qi],
-                                delta_parts[qi], diagonal, scale, dq_parts[qi], dk_blk, dv_blk)
+                block_backward(q_parts[qi], k_blk, v_blk, dout_parts[qi], lse_parts[qi],
+                               delta_parts[qi], diagonal, scale, dq_parts[qi], dk_blk, dv_blk)
             if dkv_hop is not None:
                 dkv += dkv_hop.wait()
             if group.size > 1:
@@ -259,8 +312,7 @@ class _RingAttention(torch.autograd.Function):
                 kv = kv_hop.wait()
         if dkv_hop is not None:
             dkv = dkv_hop.wait()
-        dq = dq.reshape(b, hq, s_local, d).to(q.dtype)
-        return dq, dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group: Group):
@@ -269,6 +321,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_group: 
     q [B, Hq, S_local, D], k/v [B, Hkv, S_local, D]: this rank's two load-balanced
     chunks as `shard_sequence(..., mode="ring")` lays them out. Hq must be a multiple
     of Hkv. The softmax is computed in fp32 (fp64 for fp64); the output has q's dtype.
+    `ring_block_kernel(q)` says which block kernel runs; the hops are the same for both.
     """
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"ring attention: {q.shape[1]} query heads is not a multiple of "
@@ -300,8 +353,9 @@ def all_to_all_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sp_g
 def sequence_attention(mode: str, sp_group: Group, attention_fn):
     """The attention callable (q, k, v) -> out for this SP layout.
 
-    With one SP rank it is `attention_fn` itself. Ring mode computes its blocks in
-    plain torch (it needs per-block log-sum-exp), so `attention_fn` is unused there.
+    With one SP rank it is `attention_fn` itself. Ring mode computes its blocks with
+    its own block kernels (it needs per-block log-sum-exp: the Triton flash block
+    kernel on CUDA, fp32 torch elsewhere), so `attention_fn` is unused there.
     """
     if sp_group.size == 1:
         return attention_fn
