@@ -7,9 +7,12 @@
 # Environment: NPROC_PER_NODE (default on one node: the config's tp*pp*dp*sp), NNODES,
 # NODE_RANK, MASTER_ADDR, MASTER_PORT (several nodes: c10d rendezvous at that address).
 #
-# Stopping: Ctrl-C (SIGINT) or a scheduler's SIGTERM is relayed to the workers only, so
-# torchrun never sees a signal: the workers finish their step, save a checkpoint and
-# exit 0, torchrun exits 0, and so does this script. A second signal kills them.
+# Stopping: SIGINT (Ctrl-C) or SIGTERM (a scheduler, `timeout`, a shutdown), reaching this
+# script, torchrun or the workers, once or many times within run.stop_window_s (10 s) of
+# the first, is one request: the workers finish their step, save a checkpoint and exit
+# 0, and so does this script (its status comes from what the run recorded, not from
+# torchrun's). A signal after the window kills the workers at once. SIGUSR1 saves a
+# checkpoint after the current step and the run goes on (sbatch --signal=USR1@120).
 set -uo pipefail
 cd "$(dirname "$0")"
 source tools/env.sh
@@ -20,10 +23,12 @@ config_given=""
 for arg in "$@"; do case "$arg" in --*) ;; *.yaml|*.yml) config_given=1 ;; esac; done
 [ -n "$config_given" ] || set -- configs/default.yaml "$@"
 
-# Every mistake that can be found before a worker starts is found here.
-world=$(python -m megalite.preflight "$@" | tail -n 1)
-status=${PIPESTATUS[0]}
+# Every mistake that can be found before a worker starts is found here. Its stdout: the
+# ranks to start, the stop window (seconds), the run directory, one per line.
+preflight=$(python -m megalite.preflight "$@")
+status=$?
 [ "$status" -eq 0 ] || exit "$status"
+{ read -r world; read -r stop_window; read -r run_dir; } <<< "$preflight"
 
 nnodes=${NNODES:-1}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
@@ -47,29 +52,45 @@ else
 fi
 
 # Tensor parallelism overlaps its collectives with the GEMMs around them (parallel/
-# column_group.py): on CUDA that needs the communication kernel queued first, which one
+# column_linear.py): on CUDA that needs the communication kernel queued first, which one
 # hardware queue per device guarantees (Megatron sets the same). An explicit value wins.
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 
-# torchrun in its own session: a terminal's Ctrl-C reaches this script, not torchrun.
-setsid python -m torch.distributed.run "${rendezvous[@]}" --nproc_per_node="$NPROC_PER_NODE" \
-  -m megalite.train "$@" &
+# What the run did, written by rank 0 after its last commit (megalite/parallel/torchrun.py
+# turns it into the exit status); and what torchrun and its report need.
+outcome_dir=$(mktemp -d)
+export MEGALITE_OUTCOME_FILE="$outcome_dir/outcome.json" MEGALITE_STOP_WINDOW_S="$stop_window" \
+       MEGALITE_RUN_DIR="$run_dir"
+
+# torchrun in its own session: a terminal's Ctrl-C reaches this script, which relays it.
+setsid python -m megalite.parallel.torchrun "${rendezvous[@]}" \
+  --nproc_per_node="$NPROC_PER_NODE" -m megalite.train "$@" &
 torchrun_pid=$!
-stopping=""
+first_stop=""
 relay_stop() {
-  if [ -n "$stopping" ]; then
-    echo "[megalite] second signal: killing the workers" >&2
+  local now=$SECONDS
+  if [ -z "$first_stop" ]; then
+    first_stop=$now
+    echo "[megalite] stop requested: workers finish the current step and save a checkpoint" >&2
+    # builtin kill, to torchrun's whole session (torchrun forwards it too: one request):
+    # `timeout` relays a signal to its process group, which would kill a forked pkill
+    kill -TERM -- "-$torchrun_pid" 2>/dev/null
+  elif [ $((now - first_stop)) -ge "${stop_window%.*}" ]; then
+    echo "[megalite] another signal $((now - first_stop)) s after the stop request: killing" \
+         "the workers" >&2
     kill -KILL -- "-$torchrun_pid" 2>/dev/null
-    return
-  fi
-  stopping=1
-  echo "[megalite] stop requested: workers finish the current step and save a checkpoint" >&2
-  pkill -TERM -P "$torchrun_pid"
+  fi  # else: a copy of the same request (terminal + timeout, scancel to every process)
+}
+relay_save() {
+  echo "[megalite] SIGUSR1: the workers save a checkpoint after this step and go on" >&2
+  kill -USR1 -- "-$torchrun_pid" 2>/dev/null  # torchrun ignores it, the workers save
 }
 trap relay_stop INT TERM
+trap relay_save USR1
 while true; do
   wait "$torchrun_pid"
   status=$?
   kill -0 "$torchrun_pid" 2>/dev/null || break
 done
+rm -rf "$outcome_dir"
 exit "$status"

@@ -143,6 +143,9 @@ class LogConfig:
 class RunConfig:
     dir: str = ""  # empty: runs/<config name>
     name: str = ""
+    # stop signals within this many seconds of the first are one request; a later one
+    # kills at once (training/signals.py)
+    stop_window_s: float = 10.0
 
 
 @dataclass
@@ -327,7 +330,8 @@ def validate(cfg: Config) -> None:
     for key in ("model.hidden_size", "model.num_layers", "model.num_heads", "train.steps",
                 "train.seq_len", "train.micro_batch_size", "train.global_batch_size",
                 "parallel.tp", "parallel.pp", "parallel.dp", "parallel.sp",
-                "parallel.virtual_stages", "parallel.vocab_pad_multiple", "log.every", "checkpoint.keep"):
+                "parallel.virtual_stages", "parallel.vocab_pad_multiple", "log.every", "checkpoint.keep",
+                "train.guard_window"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value >= 1, f"config key '{key}' got {value}; it must be at least 1.")
@@ -337,6 +341,9 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         _check(getattr(getattr(cfg, section), name) >= 0,
                f"config key '{key}' must be >= 0 (0 means automatic or off).")
+    _check(not t.eval_every or t.eval_batches >= 1,
+           f"train.eval_every={t.eval_every} validates, but train.eval_batches=0 reads nothing; "
+           f"give train.eval_batches >= 1 or set train.eval_every=0.")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
     _check(m.hidden_size % m.num_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
@@ -372,6 +379,9 @@ def validate(cfg: Config) -> None:
                f"step is not a multiple of parallel.pp={p.pp}; change global_batch_size or use "
                f"--parallel.schedule=1f1b.")
     _check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be > 0 seconds.")
+    _check(cfg.run.stop_window_s >= 1, f"run.stop_window_s={cfg.run.stop_window_s} must be at "
+                                       f"least 1 second: a terminal's and a scheduler's copies "
+                                       f"of one stop signal arrive within it.")
     _check(0 <= p.zero <= 3, f"parallel.zero={p.zero} must be 0, 1, 2 or 3.")
     _check(p.zero != 3 or p.pp == 1,
            f"zero 3 with pp > 1 is not supported (parallel.pp={p.pp}); use zero 1 or 2 "

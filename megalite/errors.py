@@ -8,9 +8,19 @@ keeps its traceback.
 
 
 class MegaliteError(Exception):
-    """Base of every error a user can fix by changing their input."""
+    """Base of every error a user can fix by changing their input.
+
+    `every_rank`: raised on every rank together, after they agreed on it (a failed
+    checkpoint save or load), so the ranks can still leave their groups in order."""
 
     exit_code = 2
+    every_rank = False
+
+
+def on_every_rank(error: MegaliteError) -> MegaliteError:
+    """`error`, marked as raised by every rank together."""
+    error.every_rank = True
+    return error
 
 
 class ConfigError(MegaliteError):

@@ -6,20 +6,27 @@
 import sys
 
 from megalite.cli import parse_args, run_main
+from megalite.errors import MegaliteError
 
 
 def train_main(argv: list[str]) -> int:
     cfg, flags = parse_args(argv, known_flags=("resume_from_checkpoint",))
     from megalite.parallel import launch as distributed
+    from megalite.training.signals import RunSignals
     from megalite.training.trainer import Trainer  # after parsing, so a bad flag fails fast
 
     finished = False
-    try:
-        code = Trainer(cfg, resume=flags.get("resume_from_checkpoint")).train()
-        finished = True
-        return code
-    finally:
-        distributed.teardown(finished)
+    # the handlers first: a stop during start-up is honoured after the first step
+    with RunSignals(cfg.run.stop_window_s) as signals:
+        try:
+            code = Trainer(cfg, resume=flags.get("resume_from_checkpoint")).train(signals)
+            finished = True
+            return code
+        except MegaliteError as e:
+            finished = e.every_rank  # every rank stops here together: leave in order
+            raise
+        finally:
+            distributed.teardown(finished)
 
 
 def main() -> int:

@@ -69,7 +69,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -116,6 +116,25 @@ class Piece:
         return {"file": fname, "start": self.start, "stop": stop}
 
 
+def measure_write_speed(root: str | os.PathLike, nbytes: int) -> float:
+    """Bytes per second of writing (and syncing) a file of `nbytes` under `root`, as a
+    save would; the file is removed."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write-speed-{os.getpid()}"
+    data = os.urandom(min(nbytes, 1 << 20))
+    started = time.perf_counter()
+    try:
+        with open(probe, "wb") as f:
+            for written in range(0, nbytes, len(data)):
+                f.write(data[:nbytes - written])
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        probe.unlink(missing_ok=True)
+    return nbytes / max(time.perf_counter() - started, 1e-6)
+
+
 def staging_dir(root: Path, step: int) -> Path:
     return Path(root) / f"{step_dir_name(step)}.tmp"
 
@@ -151,7 +170,7 @@ class PartWriter:
             entry["pieces"].append(p.entry(fname))
 
     def close(self) -> None:
-        _write_text_atomic(self.tmp / f"part-{self.rank:05d}.json", json.dumps(self.part))
+        write_text_atomic(self.tmp / f"part-{self.rank:05d}.json", json.dumps(self.part))
 
 
 def write_part(tmp: Path, rank: int, files: dict[str, list[Piece]]) -> None:
@@ -180,14 +199,14 @@ def commit(root: str | os.PathLike, tmp: Path, step: int, meta: dict, keep: int,
             known = index["tensors"].setdefault(name, {**entry, "pieces": []})
             known["pieces"] += entry["pieces"]
         path.unlink()
-    _write_text_atomic(tmp / INDEX, json.dumps(index, indent=1))
+    write_text_atomic(tmp / INDEX, json.dumps(index, indent=1))
     _fsync(tmp)
     final = root / step_dir_name(step)
     if final.exists():  # a re-save of the same step (resume, then stop at once) replaces it
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
-    _write_text_atomic(root / LATEST, final.name + "\n")
+    write_text_atomic(root / LATEST, final.name + "\n")
     _prune(root, keep)
     return final
 

@@ -37,7 +37,7 @@ import torch
 from megalite.checkpoint import flat
 from megalite.checkpoint import format as ckpt
 from megalite.config import ModelConfig
-from megalite.errors import CheckpointError
+from megalite.errors import CheckpointError, on_every_rank
 from megalite.model.transformer import Transformer
 from megalite.parallel import fused
 from megalite.parallel.tensor import (TensorParallelLayers, VocabParallelEmbedding,
@@ -180,27 +180,43 @@ def _write_rank_files(trainer, writes: _Writes) -> None:
 def save_trainer_state(trainer, meta: dict) -> Path:
     """Every rank writes its part; rank 0 commits. Returns the step directory."""
     topo, root, step = trainer.topo, Path(trainer.ckpt_dir), trainer.step
-    if topo.rank == 0:
-        ckpt.begin_save(root, step)
-    _all_ranks_ok(topo, True)  # a barrier: the staging directory exists
+    path = root / ckpt.step_dir_name(step)
+    # Rank 0's own steps (the staging directory, the commit) fail on every rank at once:
+    # the others would otherwise wait in the next agreement until the collective timeout.
+    _on_rank_0(topo, path, "could not start it", lambda: ckpt.begin_save(root, step))
     writes = _Writes(ckpt.staging_dir(root, step), topo.rank)
     _write_rank_files(trainer, writes)
     error = writes.close()
     if not _all_ranks_ok(topo, error is None):
-        raise CheckpointError(f"saving checkpoint step {step} failed: "
+        raise on_every_rank(CheckpointError(f"saving checkpoint step {step} failed: "
                               f"{error or 'another rank failed (see its log)'}. The previous "
                               f"checkpoint is untouched; free disk space or fix "
-                              f"checkpoint.dir and resume from it.")
-    path = root / ckpt.step_dir_name(step)
-    if topo.rank == 0:
-        meta = {**meta, "layout": {k: getattr(trainer.cfg.parallel, k) for k in
-                                   ("tp", "pp", "dp", "sp", "zero", "zero_shard",
-                                    "virtual_stages", "stage_layers", "vocab_pad_multiple")},
-                "world_size": topo.world_size, "optimizer_step": trainer.optimizer.step_count}
-        path = ckpt.commit(root, ckpt.staging_dir(root, step), step, meta,
-                           trainer.cfg.checkpoint.keep, range(topo.world_size))
-    _all_ranks_ok(topo, True)  # nobody moves on (or exits) before the commit
+                              f"checkpoint.dir and resume from it."))
+    meta = {**meta, "layout": {k: getattr(trainer.cfg.parallel, k) for k in
+                               ("tp", "pp", "dp", "sp", "zero", "zero_shard",
+                                "virtual_stages", "stage_layers", "vocab_pad_multiple")},
+            "world_size": topo.world_size, "optimizer_step": trainer.optimizer.step_count}
+    # nobody moves on (or exits) before the commit
+    _on_rank_0(topo, path, "could not commit it", lambda: ckpt.commit(
+        root, ckpt.staging_dir(root, step), step, meta, trainer.cfg.checkpoint.keep,
+        range(topo.world_size)))
     return path
+
+
+def _on_rank_0(topo, path: Path, what: str, action) -> None:
+    """Run `action` on rank 0; every rank then agrees, and all raise if it failed."""
+    error = None
+    if topo.rank == 0:
+        try:
+            action()
+        except (OSError, CheckpointError) as e:
+            error = e
+    if not _all_ranks_ok(topo, error is None):
+        cause = f": {error}" if error else " (its log says why)"
+        raise on_every_rank(CheckpointError(
+            f"checkpoint '{path}' was not saved: rank 0 {what}{cause}. The previous checkpoint "
+            f"is still `latest` and resumes exactly; fix the checkpoint directory (space, "
+            f"permissions, a file in the way) and resume from it."))
 
 
 def _check_complete(trainer, reader: ckpt.CheckpointReader) -> None:
@@ -268,17 +284,18 @@ def load_trainer_state(trainer, path: Path) -> dict:
     except CheckpointError as e:
         error = e
     if not _all_ranks_ok(topo, error is None):
-        raise error or CheckpointError(f"another rank could not read checkpoint '{path}' "
-                                       f"(see its log); nothing was loaded.")
+        raise on_every_rank(error or CheckpointError(
+            f"another rank could not read checkpoint '{path}' (see its log); nothing was "
+            f"loaded."))
     try:
         _fill(trainer, reader)
         rng = _read_rng(trainer, reader)
     except CheckpointError as e:
         error = e
     if not _all_ranks_ok(topo, error is None):
-        raise error or CheckpointError(f"another rank failed reading checkpoint '{path}' "
-                                       f"(see its log); this run's state is incomplete and "
-                                       f"it does not start.")
+        raise on_every_rank(error or CheckpointError(
+            f"another rank failed reading checkpoint '{path}' (see its log); this run's state "
+            f"is incomplete and it does not start."))
     trainer.optimizer.step_count = index["optimizer_step"]
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng:

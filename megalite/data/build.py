@@ -5,7 +5,8 @@ once, before any training worker starts (the launcher calls it): with no
 `data.paths` it trains a tokenizer on the embedded stdlib corpus and prepares the
 token files into a cache directory keyed by everything that shapes them, reusing a
 complete one. `build_data` runs in every worker and only opens what exists; it never
-prepares, so ranks cannot race to write the same files.
+prepares, so ranks cannot race to write the same files. `resolve_with_data` then fills
+the config's automatic sizes from the tokenizer, in every worker and in the preflight.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from megalite.config import Config
+from megalite.config import Config, resolve
 from megalite.data.corpus import stdlib_files, stdlib_root
 from megalite.data.dataset import BlendedDataset, TokenDataset
 from megalite.data.prepare import FORMAT_VERSION, load_summary, output_paths, prepare
@@ -163,3 +164,13 @@ def build_data(cfg: Config) -> DataBundle:
                         f"tokenizer {tokenizer_path} has {tokenizer.vocab_size}; re-prepare the "
                         f"data with this tokenizer.")
     return DataBundle(train=train, val=val, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
+
+
+def resolve_with_data(cfg: Config, data: DataBundle, device: str) -> Config:
+    """config.resolve with the tokenizer's vocabulary (the workers and the preflight both
+    call it, so both see the same sizes); a given model.vocab_size must hold it."""
+    resolve(cfg, data.vocab_size, device)
+    if cfg.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                          f"tokenizer's {data.vocab_size}; raise it or leave it 0.")
+    return cfg

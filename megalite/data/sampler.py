@@ -7,7 +7,8 @@ that runs past the end of an epoch continues into the next one, so every batch i
 full and no sample is dropped. Data-parallel rank r takes the contiguous slice
 [r * per_rank, (r + 1) * per_rank) of the global batch, so the union over ranks is the
 same batch for any dp size. The whole state is the number of samples consumed, which
-makes resuming exact, also in another data-parallel layout.
+makes resuming exact, also in another data-parallel layout. `validation_count` sizes the
+fixed slice of the validation split that each validation shares out over the dp ranks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,19 @@ from typing import Iterator
 import numpy as np
 
 from megalite.errors import ConfigError, DataError
+
+
+def validation_count(num_samples: int, eval_batches: int, micro_batch_size: int,
+                     dp_size: int) -> int:
+    """How many validation samples one validation reads: at most `eval_batches`
+    micro-batches per dp rank, a multiple of dp_size (equal shares, so the mean over
+    ranks is the mean over samples)."""
+    count = min(num_samples, eval_batches * micro_batch_size * dp_size)
+    count -= count % dp_size
+    if count == 0:
+        raise ConfigError(f"the validation split has {num_samples} samples, fewer "
+                          f"than dp={dp_size}; lower train.seq_len or raise data.val_fraction.")
+    return count
 
 
 class BatchSampler:

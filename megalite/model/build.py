@@ -3,7 +3,9 @@
 `build_model` picks the layer factory (dense, or tensor-parallel with tp_sp), the
 attention over the `sp` group and this pipeline rank's stage (parallel/pipeline/stage.py),
 and initialises every parameter as this rank's slice of the same global tensor a single
-process would draw. It composes the model with parallel/'s layers, so it lives here:
+process would draw. Its layout checks are functions (`check_model_layout`, `pipeline_stage`)
+so the preflight runs the same ones for every rank before any worker starts
+(megalite/layout_checks.py). It composes the model with parallel/'s layers, so it lives here:
 model/ may use parallel/, while parallel/ knows no model (tests/test_imports.py).
 Batches for a rank are parallel/sequence.py's `shard_batch`; a parameter's global
 value is parallel/tensor.py's `to_global`.
@@ -23,25 +25,41 @@ from megalite.errors import ConfigError
 from megalite.model.init import ParameterInit, init_parameters
 from megalite.model.transformer import DenseLayers, Transformer
 from megalite.parallel import sequence, tensor
-from megalite.parallel.pipeline.stage import stage_spec
+from megalite.parallel.pipeline.stage import StageSpec, stage_spec
 from megalite.parallel.topology import Topology
+
+
+def check_model_layout(cfg, tp: int, sp: int) -> None:
+    """Raise ConfigError when the model of `cfg` (resolved) cannot be split over `tp`
+    tensor-parallel and `sp` sequence-parallel ranks. Every rank of a TP or SP group
+    holds an equal share, so the answer is the same on each: the workers ask it in
+    build_meta_model, the preflight once for the whole grid (megalite/layout_checks.py)."""
+    p, m = cfg.parallel, cfg.model
+    tensor.check_tp_layout(m, tp, cfg.train.seq_len // sp if p.tp_sp else None)
+    sequence.check_sp_layout(cfg.train.seq_len, m.num_heads, m.num_kv_heads, sp, p.sp_mode, tp)
+    if sp > 1 and m.dropout > 0:
+        raise ConfigError(f"model.dropout={m.dropout} with parallel.sp={sp}: attention "
+                          f"dropout across a split sequence is not supported; set "
+                          f"--model.dropout=0 or --parallel.sp=1.")
+
+
+def pipeline_stage(cfg, pp: int, pp_rank: int) -> StageSpec | None:
+    """What pipeline rank `pp_rank` of `pp` builds (None when pp = 1: the whole model);
+    ConfigError when the layers cannot be split (parallel/pipeline/stage.py)."""
+    p = cfg.parallel
+    if pp == 1:
+        return None
+    return stage_spec(cfg.model.num_layers, pp, p.virtual_stages, pp_rank, p.stage_layers)
 
 
 def build_meta_model(cfg, topo: Topology) -> Transformer:
     """This rank's model on the meta device: every shape and annotation, no values."""
     p, m = cfg.parallel, cfg.model
+    check_model_layout(cfg, topo.tp, topo.sp)
     layers = DenseLayers()
     if topo.tp > 1:
-        tensor.check_tp_layout(m, topo.tp, cfg.train.seq_len // topo.sp if p.tp_sp else None)
         layers = tensor.TensorParallelLayers(topo.tp_group, p.tp_sp, p.vocab_pad_multiple)
-    sequence.check_sp_layout(cfg.train.seq_len, m.num_heads, m.num_kv_heads, topo.sp, p.sp_mode,
-                             topo.tp)
-    if topo.sp > 1 and m.dropout > 0:
-        raise ConfigError(f"model.dropout={m.dropout} with parallel.sp={topo.sp}: attention "
-                          f"dropout across a split sequence is not supported; set "
-                          f"--model.dropout=0 or --parallel.sp=1.")
-    stage = (stage_spec(m.num_layers, topo.pp, p.virtual_stages, topo.pp_rank, p.stage_layers)
-             if topo.pp > 1 else None)
+    stage = pipeline_stage(cfg, topo.pp, topo.pp_rank)
     with torch.device("meta"):
         model = Transformer(m, layers=layers, sp_group=topo.sp_group, sp_mode=p.sp_mode,
                             stage=stage, recompute=cfg.train.recompute,

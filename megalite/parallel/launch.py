@@ -47,10 +47,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def pick_device(cfg, local_rank: int) -> str:
+def device_type(cfg) -> str:
+    """The kind of device this config's workers run on, cuda or cpu. It only asks whether
+    CUDA is visible (no device is initialised), so the preflight on the node asks too."""
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use --train.device=cpu.")
     if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return "cuda"
+
+
+def pick_device(cfg, local_rank: int) -> str:
+    if device_type(cfg) == "cpu":
         return "cpu"
     torch.cuda.set_device(local_rank)
     return f"cuda:{local_rank}"

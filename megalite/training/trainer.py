@@ -7,19 +7,22 @@ its one-stage case), mixed precision, global-norm clipping (all three in
 the ZeRO optimizer, optim/zero.py, at every stage 0-3), the step guard, validation
 (at step 0 and every `train.eval_every` steps, on a fixed slice of the validation
 split, touching neither the training RNG nor the training sample order), metrics,
-and checkpoints every N steps / T minutes, at the end and on SIGINT/SIGTERM. A stop
-signal lets the current step finish, saves, and returns normally (exit code 0).
+and checkpoints every N steps / T minutes, at the end, on SIGUSR1 (then goes on) and
+on SIGINT/SIGTERM: a stop lets the current step finish, saves, and returns normally
+(exit code 0; training/signals.py). Under launch.sh, rank 0 then writes the outcome
+file launch.sh reads its exit status from ($MEGALITE_OUTCOME_FILE).
 
-A step reads the device once (loss, gradient sum of squares and stop flag in one
+A step reads the device once (loss, gradient sum of squares and the signal flags in one
 transfer) and times itself only when it is logged (CUDA events on a GPU), so a GPU
 never waits for the host in between; see `train_step`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -27,10 +30,9 @@ import torch
 
 from megalite.checkpoint import format as ckpt
 from megalite.parallel import launch as distributed
-from megalite.config import resolve, save_yaml
-from megalite.data.build import build_data
-from megalite.data.sampler import BatchSampler
-from megalite.errors import ConfigError
+from megalite.config import save_yaml
+from megalite.data.build import build_data, resolve_with_data
+from megalite.data.sampler import BatchSampler, validation_count
 from megalite.training.guard import StepGuard
 from megalite.training.metrics import (MetricsLogger, console_line, flops_per_token,
                                        memory_stats, mfu, peak_flops)
@@ -41,29 +43,9 @@ from megalite.model.build import build_meta_model, parameter_init
 from megalite.parallel.sequence import shard_batch
 from megalite.parallel.pipeline.engine import PipelineEngine
 from megalite.training.profiling import StepClock, StepProfiler, SyncDebug
+from megalite.training.signals import RunSignals, stop_budget_warning
 from megalite.training.staging import StagedBatches, read_rows
 from megalite.checkpoint.sharding import load_trainer_state, partitioning, save_trainer_state
-
-
-class StopSignal:
-    """Turns SIGINT/SIGTERM into a flag; every rank reads it in the step's one transfer, so
-    all stop after the same step."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -74,10 +56,7 @@ class Trainer:
         self.topo, self.device = (topo, device) if topo else distributed.setup(cfg)
         self.main = self.topo.rank == 0
         self.data = build_data(cfg)
-        resolve(cfg, self.data.vocab_size, self.device.split(":")[0])
-        if cfg.model.vocab_size < self.data.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
-                              f"tokenizer's {self.data.vocab_size}; raise it or leave it 0.")
+        resolve_with_data(cfg, self.data, self.device.split(":")[0])
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)
@@ -148,22 +127,23 @@ class Trainer:
             torch.tensor([float(stats[k]) for k in keys], device=self.topo.device), op="max")
         return {**stats, **{f"{k}_max": int(v) for k, v in zip(keys, peak.tolist())}}
 
-    def train_step(self, stop: StopSignal | None = None, timed: bool = True) -> dict:
+    def train_step(self, signals: RunSignals | None = None, timed: bool = True) -> dict:
         """One optimizer update. Besides loss, norm and throughput, the record splits the
         step time on this rank into compute (forward + backward), pipeline (blocked in
         p2p: the bubble plus transfers), comm (blocked in any other collective: the
         communication not hidden behind compute) and optimizer (clip, AdamW, write-back)
-        and gives the bytes this rank moved through each group. `stop` is a signal flag
-        every rank agrees on in this step (`record["stop"]`).
+        and gives the bytes this rank moved through each group. `signals`' stop and save
+        requests become flags every rank agrees on in this step (`record["stop"]`,
+        `record["save"]`).
 
         The host reads the device once: loss, gradient sum of squares and stop flag in
         one transfer, from which the guard, the loss scaler and the clipping decide.
         `timed=False` leaves the timings out: on CUDA reading them waits for the GPU,
         so the loop times only the steps it logs."""
         with self._sync_debug.step():
-            return self._train_step(stop, timed)
+            return self._train_step(signals, timed)
 
-    def _train_step(self, stop, timed: bool) -> dict:
+    def _train_step(self, signals, timed: bool) -> dict:
         cfg, clock = self.cfg, self.clock
         comm.settle(self._groups, read=False)  # what validation or a save left
         clock.start()
@@ -176,14 +156,18 @@ class Trainer:
         loss_sum = self.forward_backward(self.micro_batches(indices), rows)
         clock.mark()
         cut = comm.marks(self._groups)
-        flag = torch.full((), float(bool(stop and stop.received)), dtype=torch.float64,
-                          device=self.topo.device)
-        # both are sums over the whole grid: one reduction (equal on every rank after it)
+        stop, save = bool(signals and signals.stop_requested), bool(signals and signals.save_requested)
+        if save:
+            signals.saved()  # taken into this step; a later SIGUSR1 asks again
+        # filled on the device (a host tensor copied over would be a transfer more)
+        flags = [torch.full((), float(f), dtype=torch.float64, device=self.topo.device)
+                 for f in (stop, save)]
+        # all are sums over the whole grid: one reduction (equal on every rank after it)
         grid_sums = self.topo.all_reduce(
-            torch.stack([self.optimizer.local_grad_sum_squares(), flag]))
+            torch.stack([self.optimizer.local_grad_sum_squares(), *flags]))
         scalars = torch.cat([self._mean_over_replicas(loss_sum), grid_sums])
         with self._sync_debug.allowed():
-            loss, sum_squares, stopping = scalars.tolist()  # the step's one transfer
+            loss, sum_squares, stopping, saving = scalars.tolist()  # the step's one transfer
         grad_norm, found_inf = self.optimizer.set_norm(sum_squares)
         # An fp16 overflow is the loss scaler's business: skipped, scale lowered, not
         # a spike. In bf16/fp32 a non-finite gradient is the guard's "nan_grad".
@@ -199,6 +183,7 @@ class Trainer:
         self.batches.stage_next()  # read and copy while the GPU runs the update
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "skipped": self.guard.skipped, "skip_reason": skip, "stop": stopping > 0,
+                  "save": saving > 0,
                   **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {}),
                   **({"offload_bytes": self.model.offload.bytes_offloaded - offloaded0}
                      if self.model.offload.enabled else {})}
@@ -248,11 +233,7 @@ class Trainer:
         """Mean loss over a fixed slice of the validation split, shared out over dp ranks."""
         self.model.eval()
         mbs, dp = self.cfg.train.micro_batch_size, self.topo.dp
-        count = min(len(self.data.val), self.cfg.train.eval_batches * mbs * dp)
-        count -= count % dp  # equal shares, so the mean over ranks is the mean over samples
-        if count == 0:
-            raise ConfigError(f"the validation split has {len(self.data.val)} samples, fewer "
-                              f"than dp={dp}; lower train.seq_len or raise data.val_fraction.")
+        count = validation_count(len(self.data.val), self.cfg.train.eval_batches, mbs, dp)
         mine = list(range(self.topo.dp_rank, count, dp))
         batches = [self._batch(self.data.val, mine[start:start + mbs])
                    for start in range(0, len(mine), mbs)]
@@ -262,14 +243,20 @@ class Trainer:
         return self._mean_over_replicas(total / len(mine)).item()
 
     # ---- the loop -----------------------------------------------------------------
-    def train(self) -> int:
+    def train(self, signals: RunSignals | None = None) -> int:
+        """Run to train.steps (or a stop). `signals`: handlers installed by the caller
+        (megalite.train does it before start-up, so a stop then is not lost)."""
         cfg = self.cfg
         print(f"[megalite] run directory: {self.run_dir}  device: {self.device}  "
               f"params: {self.num_params():,}", flush=True)
         self._print_memory_report()
         start_step, started = self.step, time.time()
         last_save_time = time.time()
-        with StopSignal() as stop:
+        self._check_stop_fits()
+        step_timed = stopped = False
+        with contextlib.ExitStack() as stack:
+            if signals is None:
+                signals = stack.enter_context(RunSignals(cfg.run.stop_window_s))
             if self.step == 0 and cfg.train.eval_every:
                 record = {"step": 0, "val_loss": self.validate(), "lr": self.schedule(1),
                           **self._memory()}
@@ -277,8 +264,11 @@ class Trainer:
                 print(console_line(record, cfg.train.steps, 0.0), flush=True)
             while self.step < cfg.train.steps:
                 with self.profiler.step(self.step + 1):
-                    record = self.train_step(stop, timed=self._logs(self.step + 1))
-                stopping = record.pop("stop")
+                    record = self.train_step(signals, timed=self._logs(self.step + 1))
+                stopping, saving = record.pop("stop"), record.pop("save")
+                if "step_time" in record and not step_timed:  # the first timed step
+                    step_timed = True
+                    self._stop_warning(record["step_time"])
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     record["val_loss"] = self.validate()
                 if self._logs(self.step):
@@ -288,17 +278,20 @@ class Trainer:
                                        start_step), flush=True)
                 due_minutes = (cfg.checkpoint.every_minutes
                                and time.time() - last_save_time >= 60 * cfg.checkpoint.every_minutes)
-                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or due_minutes:
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or due_minutes \
+                        or (saving and not stopping):
                     self.save()
                     last_save_time = time.time()
                 if stopping:  # every rank saw the same flag in this step's transfer
+                    stopped = signals.stop_requested or "a stop signal to another rank"
                     break
             if self.last_saved != self.step:
                 self.save()
         self.metrics.close()
-        if stop.received:
-            print(f"[megalite] {stop.received}: stopped cleanly after step {self.step}; resume "
-                  f"with --resume_from_checkpoint latest", flush=True)
+        if stopped:
+            print(f"[megalite] {stopped}: stopped cleanly after step {self.step}; resume with "
+                  f"--resume_from_checkpoint latest", flush=True)
+        self._write_outcome("stopped" if stopped else "finished")
         print(f"[megalite] run directory: {self.run_dir}  checkpoint: {self.last_saved_path}",
               flush=True)
         return 0
@@ -325,6 +318,39 @@ class Trainer:
                 or bool(t.eval_every and step % t.eval_every == 0))
 
     # ---- checkpoints ---------------------------------------------------------------
+    def _check_stop_fits(self) -> None:
+        """Estimate how long a save takes (this rank's share of a checkpoint over the
+        write speed measured now, every rank writing at once as in a save) and warn when
+        a stop could not fit torchrun's and Slurm's 30 s (training/signals.py)."""
+        opt = self.optimizer
+        share = opt.memory_report()["optimizer_bytes"]
+        if opt.stage == 0:  # every rank holds everything and writes 1/(dp x sp) of it
+            share //= self.topo.dp_sp_group.size
+        if self.topo.dp_sp_group.rank == 0:  # the model weights of this (stage, TP rank)
+            share += sum(p.numel() for p in opt.layout.params) * opt.model_dtype.itemsize
+        probe = max(min(share, 64 << 20), 1 << 20)
+        seconds = share / ckpt.measure_write_speed(self.ckpt_dir, probe)
+        worst = torch.tensor([seconds, float(share)], dtype=torch.float64, device=self.topo.device)
+        self.save_estimate = self.topo.all_reduce(worst, "max").tolist()  # (s, bytes)
+        self._stop_warned = False
+        self._stop_warning(None)
+
+    def _stop_warning(self, step_s: float | None) -> None:
+        """Print the stop-budget warning (once; again with the step time when known)."""
+        seconds, share = self.save_estimate
+        warning = stop_budget_warning(seconds, int(share), step_s)
+        if warning and self.main and not self._stop_warned:
+            print(warning, flush=True)
+        self._stop_warned |= warning is not None
+
+    def _write_outcome(self, status: str) -> None:
+        """Rank 0, after the last commit: what the run did, for launch.sh's exit status
+        (a clean stop exits 0 whatever torchrun's status after the signals)."""
+        path = os.environ.get("MEGALITE_OUTCOME_FILE")
+        if path and self.main:
+            ckpt.write_text_atomic(Path(path), json.dumps(
+                {"status": status, "step": self.step, "checkpoint": str(self.last_saved_path)}))
+
     def save(self) -> Path:
         """Every rank writes its own shards (checkpoint/sharding.py); rank 0 commits the index."""
         meta = {"consumed_samples": self.sampler.state_dict()["consumed_samples"],
