@@ -221,3 +221,17 @@ with s.RunSignals(window_s=10) as run:
                          timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert out.stdout.count("alive") == 1 and "survived" not in out.stdout, out
     assert out.returncode == -signal.SIGINT, out
+
+
+def test_the_stop_budget_warning_counts_the_save_and_the_step():
+    from megalite.training.signals import STOP_BUDGET_S, stop_budget_warning
+    assert stop_budget_warning(2.0, 10 << 20, None) is None
+    assert stop_budget_warning(STOP_BUDGET_S - 1, 10 << 20, 0.5) is None
+    warning = stop_budget_warning(STOP_BUDGET_S - 1, 3 << 30, 2.0)
+    assert warning and "3072 MiB" in warning and "plus a step of 2.0 s" in warning
+
+
+def test_the_write_speed_probe_writes_and_removes_its_file(tmp_path):
+    from megalite.checkpoint.format import measure_write_speed
+    assert measure_write_speed(tmp_path / "ckpt", 3 << 20) > 0
+    assert list((tmp_path / "ckpt").iterdir()) == []
