@@ -96,17 +96,17 @@ def _report(error) -> int:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _one_request_per_window(float(os.environ.get("MEGALITE_STOP_WINDOW_S", "10")))
+    status, failure = 0, None
     try:
         torch_run.main(argv)
-        status = 0
     except elastic_api.SignalException as e:
         status = 128 + int(e.sigval)
     except elastic_errors.ChildFailedError as e:
-        status = None if _outcome() else _report(e)
+        failure = e
     outcome = _outcome()
     if outcome and outcome.get("status") in ("finished", "stopped"):
         return 0
-    return status if status is not None else 1
+    return _report(failure) if failure is not None else status
 
 
 if __name__ == "__main__":
