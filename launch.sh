@@ -4,8 +4,14 @@
 #   ./launch.sh [CONFIG.yaml] [--section.key=value ...] [--resume_from_checkpoint latest|PATH]
 #   (no CONFIG.yaml: configs/default.yaml)
 #
-# Environment: NPROC_PER_NODE (default on one node: the config's tp*pp*dp*sp), NNODES,
-# NODE_RANK, MASTER_ADDR, MASTER_PORT (several nodes: c10d rendezvous at that address).
+# Environment (megalite/parallel/cluster.py): NPROC_PER_NODE (default: what the layout
+# needs), NNODES (a count, or MIN:MAX: the run goes on when nodes leave, with
+# parallel.dp=auto), NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID. Under srun (one task
+# per node, examples/slurm.sbatch) those not set come from SLURM_*.
+#
+# Restarts: with run.max_restarts=N torchrun restarts the workers after a failure up to N
+# times, each restart resuming from the latest checkpoint this launch saved. A launch
+# resumes an earlier run only when asked (--resume_from_checkpoint).
 #
 # Stopping: SIGINT (Ctrl-C) or SIGTERM (a scheduler, `timeout`, a shutdown), reaching this
 # script, torchrun or the workers, once or many times within run.stop_window_s (10 s) of
@@ -23,33 +29,16 @@ config_given=""
 for arg in "$@"; do case "$arg" in --*) ;; *.yaml|*.yml) config_given=1 ;; esac; done
 [ -n "$config_given" ] || set -- configs/default.yaml "$@"
 
+# When this launch began: a restarted worker resumes from a checkpoint saved after it.
+export MEGALITE_LAUNCH_T="$(date +%s)"
+
 # Every mistake that can be found before a worker starts is found here. Its stdout: the
-# ranks to start, the stop window (seconds), the run directory, one per line.
+# ranks to start, the stop window (seconds), the run directory, torchrun's arguments.
 preflight=$(python -m megalite.preflight "$@")
 status=$?
 [ "$status" -eq 0 ] || exit "$status"
-{ read -r world; read -r stop_window; read -r run_dir; } <<< "$preflight"
-
-nnodes=${NNODES:-1}
-if [ -z "${NPROC_PER_NODE:-}" ]; then
-  if [ "$nnodes" -ne 1 ]; then
-    echo "error: NNODES=$nnodes but NPROC_PER_NODE is unset; set it to the ranks per node" \
-         "(the config needs $world ranks in all)." >&2
-    exit 2
-  fi
-  NPROC_PER_NODE=$world
-fi
-if [ $((NPROC_PER_NODE * nnodes)) -ne "$world" ]; then
-  echo "error: NPROC_PER_NODE=$NPROC_PER_NODE x NNODES=$nnodes = $((NPROC_PER_NODE * nnodes))" \
-       "ranks, but the config's tp*pp*dp*sp is $world; change the layout or the launch." >&2
-  exit 2
-fi
-if [ "$nnodes" -eq 1 ]; then
-  rendezvous=(--standalone)
-else
-  rendezvous=(--nnodes="$nnodes" --node_rank="${NODE_RANK:-0}" --rdzv_backend=c10d
-              --rdzv_id=megalite --rdzv_endpoint="${MASTER_ADDR:?set MASTER_ADDR}:${MASTER_PORT:-29500}")
-fi
+{ read -r world; read -r stop_window; read -r run_dir; read -ra torchrun_args; } <<< "$preflight"
+echo "[megalite] $world ranks: torchrun ${torchrun_args[*]}" >&2
 
 # Tensor parallelism overlaps its collectives with the GEMMs around them (parallel/
 # column_linear.py): on CUDA that needs the communication kernel queued first, which one
@@ -63,8 +52,7 @@ export MEGALITE_OUTCOME_FILE="$outcome_dir/outcome.json" MEGALITE_STOP_WINDOW_S=
        MEGALITE_RUN_DIR="$run_dir"
 
 # torchrun in its own session: a terminal's Ctrl-C reaches this script, which relays it.
-setsid python -m megalite.parallel.torchrun "${rendezvous[@]}" \
-  --nproc_per_node="$NPROC_PER_NODE" -m megalite.train "$@" &
+setsid python -m megalite.parallel.torchrun "${torchrun_args[@]}" -m megalite.train "$@" &
 torchrun_pid=$!
 first_stop=""
 relay_stop() {

@@ -1,10 +1,10 @@
 """Command-line plumbing shared by every entry point.
 
 `parse_overrides` splits `--section.key=value` overrides from `--flag value` flags;
-`parse_args` turns `[CONFIG.yaml] [--section.key=value ...] [--flag value ...]` into a
-validated Config plus the remaining flags; `run_main` runs an entry point and turns a
-MegaliteError (a user mistake) into a one-paragraph message and exit code 2 instead of
-a traceback.
+`split_args` splits `[CONFIG.yaml] [--section.key=value ...] [--flag value ...]`, and
+`parse_args` turns it into a validated Config plus the remaining flags; `run_main`
+runs an entry point and turns a MegaliteError (a user mistake) into a one-paragraph
+message and exit code 2 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ def parse_overrides(args: list[str]) -> tuple[list[tuple[str, str]], dict]:
     return overrides, flags
 
 
-def parse_args(argv: list[str], known_flags: tuple[str, ...] = ()) -> tuple[Config, dict]:
+def split_args(argv: list[str], known_flags: tuple[str, ...] = ()
+               ) -> tuple[str | None, list[tuple[str, str]], dict]:
+    """`[CONFIG.yaml] [--section.key=value ...] [--flag value ...]` -> (config path or
+    None, overrides, flags); an unknown flag is an error."""
     config_path = None
     if argv and not argv[0].startswith("--"):
         config_path, argv = argv[0], argv[1:]
@@ -50,6 +53,11 @@ def parse_args(argv: list[str], known_flags: tuple[str, ...] = ()) -> tuple[Conf
             hint = f" Known flags: {', '.join('--' + f for f in known_flags)}." if known_flags else ""
             raise ConfigError(f"unknown flag '--{flag}'. Config overrides need a section, as in "
                               f"--train.steps=100.{hint}")
+    return config_path, overrides, flags
+
+
+def parse_args(argv: list[str], known_flags: tuple[str, ...] = ()) -> tuple[Config, dict]:
+    config_path, overrides, flags = split_args(argv, known_flags)
     return load_config(config_path, overrides), flags
 
 

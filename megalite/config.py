@@ -3,24 +3,26 @@
 A config is a tree of dataclasses, one per section (model, parallel, train, optim,
 data, checkpoint, log, run). `load_config` reads a YAML file (or the embedded
 defaults), applies command-line overrides, converts every value to the field's type
-and validates the combination, so that a mistake fails before any work starts with a
-`ConfigError` that names the key, the value and the fix. `resolve` fills the values
-left to "auto" (sizes from the model preset and the tokenizer) so the config written
-to the run directory is concrete.
+and validates the combination (config_checks.py), so that a mistake fails before any
+work starts with a `ConfigError` that names the key, the value and the fix. In two
+halves where the number of ranks is not known yet (the preflight): `read_config`, then
+`finish_config(cfg, world_size)`, which decides parallel.dp=auto. `resolve` fills the
+values left to "auto" (sizes from the model preset and the tokenizer) so the config
+written to the run directory is concrete.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from megalite.config_checks import closest, validate
 from megalite.errors import ConfigError
-from megalite.parallel.pipeline.stage import layer_counts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -29,6 +31,9 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 # A boolean that may also be left "auto": true/false become bools as they are read, and
 # resolve() decides "auto", so code downstream only ever sees a bool.
 AutoBool = "bool | auto"
+# A count that may be left "auto": parallel.dp, which the number of ranks started decides
+# (resolve_world); after load_config it is an int.
+AutoInt = "int | auto"
 
 
 @dataclass
@@ -54,7 +59,7 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    dp: int = 1
+    dp: AutoInt = 1  # auto: world / (tp x pp x sp), so a run resumes on fewer ranks
     sp: int = 1
     sp_mode: str = "ring"  # ring | all_to_all
     tp_sp: bool = False
@@ -146,6 +151,9 @@ class RunConfig:
     # stop signals within this many seconds of the first are one request; a later one
     # kills at once (training/signals.py)
     stop_window_s: float = 10.0
+    # torchrun restarts the workers after a failure this many times; a restart resumes
+    # from the latest checkpoint (a user error, exit 2, never restarts)
+    max_restarts: int = 0
 
 
 @dataclass
@@ -173,39 +181,21 @@ class Config:
         return t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
 
 
-CHOICES = {
-    "model.preset": ("llama", "gpt2"),
-    "model.attention": ("eager", "sdpa", "triton", "auto"),
-    "model.kernels": ("torch", "triton", "auto"),
-    "parallel.sp_mode": ("ring", "all_to_all"),
-    "parallel.schedule": ("gpipe", "1f1b", "interleaved"),
-    "train.precision": ("fp32", "bf16", "fp16", "fp64"),
-    "train.grad_dtype": ("fp32", "bf16", "fp16", "fp64"),
-    "train.recompute": ("none", "selective", "full"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "optim.schedule": ("constant", "cosine", "wsd"),
-    "optim.offload": ("none", "cpu"),
-}
-
-
 def _sections() -> dict:
     return {f.name: f.type for f in dataclasses.fields(Config)}
 
 
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid: {', '.join(sorted(options))}."
-
-
 def _convert(key: str, value, typ):
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
-    if typ == "AutoBool":
+    if typ in ("AutoBool", "AutoInt"):
         if isinstance(value, str) and value.lower() == "auto":
             return "auto"
+        plain = "bool" if typ == "AutoBool" else "int"
         try:
-            return _convert(key, value, "bool")
+            return _convert(key, value, plain)
         except ConfigError:
-            raise ConfigError(f"config key '{key}' got {value!r}; give true, false or auto, "
+            words = "true, false or auto" if plain == "bool" else "a whole number or auto"
+            raise ConfigError(f"config key '{key}' got {value!r}; give {words}, "
                               f"e.g. --{key}=auto.") from None
     typ = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(typ, typ)
     bad = ConfigError(f"config key '{key}' got {value!r}, which is not a valid {typ.__name__}. "
@@ -258,12 +248,12 @@ def _apply(cfg: Config, key: str, value) -> None:
     section, _, name = key.partition(".")
     sections = _sections()
     if section not in sections:
-        raise ConfigError(f"unknown config section '{section}' in '{key}'.{_closest(section, sections)}")
+        raise ConfigError(f"unknown config section '{section}' in '{key}'.{closest(section, sections)}")
     obj = getattr(cfg, section)
     fields = {f.name: f.type for f in dataclasses.fields(obj)}
     if name not in fields:
         full = [f"{section}.{n}" for n in fields]
-        raise ConfigError(f"unknown config key '{key}'.{_closest(key, full)}")
+        raise ConfigError(f"unknown config key '{key}'.{closest(key, full)}")
     setattr(obj, name, _convert(key, value, fields[name]))
 
 
@@ -277,13 +267,14 @@ def _flatten(data: dict, source: str) -> list[tuple[str, object]]:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a mapping of keys, "
-                              f"got {values!r}.{_closest(str(section), _sections())}")
+                              f"got {values!r}.{closest(str(section), _sections())}")
         items += [(f"{section}.{k}", v) for k, v in values.items()]
     return items
 
 
-def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
-    """Load YAML (default: configs/tiny.yaml), apply overrides, validate."""
+def read_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
+    """YAML (default: configs/tiny.yaml) plus overrides, converted but not yet validated:
+    parallel.dp may still be "auto" (finish_config decides it)."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist. Pass an existing YAML file "
@@ -301,8 +292,34 @@ def load_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
         cfg.run.dir = str(Path("runs") / cfg.run.name)
     if not cfg.checkpoint.dir:
         cfg.checkpoint.dir = str(Path(cfg.run.dir) / "checkpoints")
+    return cfg
+
+
+def finish_config(cfg: Config, world_size: int | None = None) -> Config:
+    """A validated copy of `cfg` with parallel.dp decided for `world_size` ranks (default:
+    torchrun's WORLD_SIZE) where it is "auto"."""
+    cfg = copy.deepcopy(cfg)
+    p = cfg.parallel
+    if p.dp == "auto":
+        world = world_size or int(os.environ.get("WORLD_SIZE", "0"))
+        if not world:
+            raise ConfigError("parallel.dp=auto takes dp from the number of ranks started, "
+                              "which only a launch knows; give --parallel.dp=N here.")
+        model_ranks = p.tp * p.pp * p.sp
+        if world % model_ranks:
+            raise ConfigError(
+                f"the launch has {world} ranks, but parallel.dp=auto needs a multiple of "
+                f"tp x pp x sp = {p.tp} x {p.pp} x {p.sp} = {model_ranks}; start a multiple "
+                f"(NPROC_PER_NODE x NNODES) or change the layout.")
+        p.dp = world // model_ranks
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides=(),
+                world_size: int | None = None) -> Config:
+    """Load YAML (default: configs/tiny.yaml), apply overrides, decide dp=auto, validate."""
+    return finish_config(read_config(path, overrides), world_size)
 
 
 def config_from_dict(data: dict) -> Config:
@@ -312,115 +329,6 @@ def config_from_dict(data: dict) -> Config:
         _apply(cfg, key, value)
     validate(cfg)
     return cfg
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: Config) -> None:
-    """Check values and combinations; raise ConfigError with the fix."""
-    for key, options in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value in options, f"config key '{key}' got '{value}'; it must be one of "
-                                 f"{', '.join(options)}.{_closest(str(value), options)}")
-    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
-    for key in ("model.hidden_size", "model.num_layers", "model.num_heads", "train.steps",
-                "train.seq_len", "train.micro_batch_size", "train.global_batch_size",
-                "parallel.tp", "parallel.pp", "parallel.dp", "parallel.sp",
-                "parallel.virtual_stages", "parallel.vocab_pad_multiple", "log.every", "checkpoint.keep",
-                "train.guard_window"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value >= 1, f"config key '{key}' got {value}; it must be at least 1.")
-    for key in ("model.num_kv_heads", "model.ffn_hidden_size", "model.vocab_size",
-                "model.max_seq_len", "checkpoint.every", "train.eval_every",
-                "optim.warmup_steps", "train.eval_batches"):
-        section, name = key.split(".")
-        _check(getattr(getattr(cfg, section), name) >= 0,
-               f"config key '{key}' must be >= 0 (0 means automatic or off).")
-    _check(not t.eval_every or t.eval_batches >= 1,
-           f"train.eval_every={t.eval_every} validates, but train.eval_batches=0 reads nothing; "
-           f"give train.eval_batches >= 1 or set train.eval_every=0.")
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1).")
-    _check(m.hidden_size % m.num_heads == 0,
-           f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
-           f"choose num_heads that divides hidden_size.")
-    kv = m.num_kv_heads or m.num_heads
-    _check(m.num_heads % kv == 0, f"model.num_heads={m.num_heads} is not a multiple of "
-                                  f"model.num_kv_heads={kv}; grouped-query attention needs it.")
-    _check(m.preset == "llama" or kv == m.num_heads,
-           "model.num_kv_heads differs from num_heads, but the gpt2 preset has no grouped-query "
-           "attention; use --model.preset=llama or drop num_kv_heads.")
-    _check((m.hidden_size // m.num_heads) % 2 == 0 or m.preset != "llama",
-           "rotary embeddings need an even head dimension (hidden_size / num_heads).")
-    _check(m.max_seq_len == 0 or m.max_seq_len >= t.seq_len,
-           f"model.max_seq_len={m.max_seq_len} is shorter than train.seq_len={t.seq_len}.")
-    per_step = t.micro_batch_size * p.dp
-    _check(t.global_batch_size % per_step == 0,
-           f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-           f"micro_batch_size * dp = {t.micro_batch_size} * {p.dp} = {per_step}; "
-           f"set it to a multiple, e.g. {per_step * max(1, round(t.global_batch_size / per_step))}.")
-    if p.pp > 1 or p.virtual_stages > 1:
-        layer_counts(m.num_layers, p.pp, p.virtual_stages, p.stage_layers)
-        micro = t.global_batch_size // per_step if t.global_batch_size % per_step == 0 else 0
-        _check(p.virtual_stages == 1 or p.schedule == "interleaved",
-               f"parallel.virtual_stages={p.virtual_stages} needs --parallel.schedule=interleaved.")
-        _check(p.schedule != "interleaved" or (p.pp > 1 and p.virtual_stages > 1),
-               "parallel.schedule=interleaved needs parallel.pp > 1 and parallel.virtual_stages > 1.")
-        _check(micro == 0 or micro >= p.pp,
-               f"{micro} micro-batches per step (global_batch_size / (micro_batch_size * dp)) "
-               f"are fewer than parallel.pp={p.pp}: a pipeline needs at least pp; raise "
-               f"train.global_batch_size or lower micro_batch_size.")
-        _check(micro == 0 or p.schedule != "interleaved" or micro % p.pp == 0,
-               f"interleaved 1F1B runs micro-batches in groups of pp: {micro} micro-batches per "
-               f"step is not a multiple of parallel.pp={p.pp}; change global_batch_size or use "
-               f"--parallel.schedule=1f1b.")
-    _check(p.timeout_s > 0, f"parallel.timeout_s={p.timeout_s} must be > 0 seconds.")
-    _check(cfg.run.stop_window_s >= 1, f"run.stop_window_s={cfg.run.stop_window_s} must be at "
-                                       f"least 1 second: a terminal's and a scheduler's copies "
-                                       f"of one stop signal arrive within it.")
-    _check(0 <= p.zero <= 3, f"parallel.zero={p.zero} must be 0, 1, 2 or 3.")
-    _check(p.zero != 3 or p.pp == 1,
-           f"zero 3 with pp > 1 is not supported (parallel.pp={p.pp}); use zero 1 or 2 "
-           f"(--parallel.zero=2) with pipeline parallelism.")
-    _check(p.zero_shard >= 0 and (p.zero_shard == 0 or (p.dp * p.sp) % p.zero_shard == 0),
-           f"parallel.zero_shard={p.zero_shard} must divide dp x sp = {p.dp * p.sp} (0: one "
-           f"shard over all of them): a shard spans zero_shard ranks, replicated over the rest.")
-    _check(p.zero > 0 or p.zero_shard in (0, p.dp * p.sp),
-           f"parallel.zero_shard={p.zero_shard} with parallel.zero=0: ZeRO 0 shards nothing; "
-           f"use --parallel.zero=1, 2 or 3 for hybrid sharding, or drop zero_shard.")
-    _check(p.bucket_mb > 0, f"parallel.bucket_mb={p.bucket_mb} must be > 0 (MiB per gradient "
-                            f"bucket; a huge value gives one bucket).")
-    _check(0 <= t.loss_scale_init_pow <= 64,
-           f"train.loss_scale_init_pow={t.loss_scale_init_pow} must be in [0, 64] (the initial "
-           f"fp16 loss scale is 2**this; 16 is usual).")
-    _check(t.loss_scale_window >= 1, f"train.loss_scale_window={t.loss_scale_window} must be "
-                                     f">= 1 (steps without overflow before the scale doubles).")
-    _check(t.loss_scale_hysteresis >= 1,
-           f"train.loss_scale_hysteresis={t.loss_scale_hysteresis} must be >= 1 (1 halves the "
-           f"scale at every overflow).")
-    _check(0 < t.loss_scale_min <= 2.0 ** t.loss_scale_init_pow,
-           f"train.loss_scale_min={t.loss_scale_min} must be > 0 and at most the initial scale "
-           f"2**{t.loss_scale_init_pow}.")
-    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr,
-           f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} in [0, lr].")
-    _check(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction must be in [0, 1].")
-    _check(o.clip_grad >= 0, "optim.clip_grad must be >= 0 (0 disables clipping).")
-    _check(t.guard_spike_factor == 0 or t.guard_spike_factor > 1,
-           "train.guard_spike_factor must be 0 (off) or > 1 (skip when loss > factor * mean).")
-    _check(0 < cfg.data.val_fraction < 1, "data.val_fraction must be in (0, 1).")
-    if t.precision == "fp32":
-        _check(t.grad_dtype == "fp32", "train.grad_dtype must be fp32 when precision is fp32.")
-    if t.precision == "fp64":
-        _check(t.grad_dtype in ("fp32", "fp64"),
-               f"train.precision=fp64 reduces gradients in fp64; train.grad_dtype={t.grad_dtype} "
-               f"would round them. Drop train.grad_dtype.")
-    else:
-        _check(t.grad_dtype != "fp64", f"train.grad_dtype=fp64 needs train.precision=fp64 "
-                                       f"(got {t.precision}).")
 
 
 def resolve(cfg: Config, vocab_size: int, device: str) -> Config:

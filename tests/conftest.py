@@ -1,7 +1,9 @@
 """Shared pytest set-up: run from the repo root so relative paths resolve; `slow` marker;
 MEGALITE_TEST_THREADS (if set) also sets this process's intra-op threads; `cache`, the
 prepared default corpus of the parity config (tests/parity.py), made once per session
-(a module may define its own `cache` for another vocabulary)."""
+(a module may define its own `cache` for another vocabulary); `launch_cache` and
+`launch_reference`, the corpus and the uninterrupted losses of the tiny 2-rank run that
+tests launch through ./launch.sh (tests/launching.py)."""
 
 import os
 from pathlib import Path
@@ -23,3 +25,22 @@ def pytest_configure(config):
 def cache(tmp_path_factory):
     from parity import prepared_cache
     return prepared_cache(tmp_path_factory, "parity_data")
+
+
+@pytest.fixture(scope="session")
+def launch_cache(tmp_path_factory):
+    """The prepared corpus of the tiny config the tests launch through ./launch.sh."""
+    from parity import prepared_cache
+    from test_train import tiny_args
+    return prepared_cache(tmp_path_factory, "launch_data", tiny_args)
+
+
+@pytest.fixture(scope="session")
+def launch_reference(launch_cache, tmp_path_factory):
+    """The losses of the tiny 2-rank run, uninterrupted, through ./launch.sh."""
+    from launching import Launch, launch_args
+    from test_train import losses
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run = Launch(launch_args(launch_cache, run_dir))
+    assert run.finish() == 0, run.output
+    return losses(run_dir)

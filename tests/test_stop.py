@@ -15,93 +15,18 @@ import time
 
 import pytest
 
-from test_train import losses, tiny_args
-from parity import prepared_cache
-
-TWO_RANKS = ["--parallel.dp=2", "--train.micro_batch_size=4"]
-# enough steps (tens of milliseconds each) that a signal sent at step 3 lands long before
-# the end
-STEPS = 60
-LAUNCH_TIMEOUT_S = 240
+from launching import STEPS, Launch, launch_args, workers
+from test_train import losses
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return prepared_cache(tmp_path_factory, "data_cache", tiny_args)
+@pytest.fixture
+def cache(launch_cache):
+    return launch_cache
 
 
-def launch_args(cache, run_dir, extra=()):
-    return ["./launch.sh", "configs/tiny.yaml",
-            *tiny_args(cache, run_dir, steps=STEPS, extra=TWO_RANKS), *extra]
-
-
-class Launch:
-    """./launch.sh in its own session, its output collected by a reader thread."""
-
-    def __init__(self, args, under_timeout=False):
-        args = ["timeout", "900", *args] if under_timeout else args
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        self.lines, self.changed = [], threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
-        with self.changed:
-            self.lines.append(None)  # end of output
-            self.changed.notify_all()
-
-    def wait_for(self, text: str, timeout=LAUNCH_TIMEOUT_S) -> None:
-        with self.changed:
-            ok = self.changed.wait_for(
-                lambda: None in self.lines or any(text in line for line in self.lines
-                                                  if line), timeout)
-        assert ok and any(text in line for line in self.lines if line), \
-            f"never saw {text!r}:\n{self.output}"
-
-    def finish(self, timeout=LAUNCH_TIMEOUT_S) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self.wait_for_end()
-        return code
-
-    def wait_for_end(self):
-        with self.changed:
-            self.changed.wait_for(lambda: None in self.lines, 30)
-
-    @property
-    def output(self) -> str:
-        return "".join(line for line in self.lines if line)
-
-    def torchrun_pid(self) -> int:
-        launcher = self.proc.pid
-        if os.path.basename(os.readlink(f"/proc/{launcher}/exe")).startswith("timeout"):
-            launcher = _children(launcher)[0]
-        return next(p for p in _children(launcher) if b"megalite.parallel.torchrun" in
-                    open(f"/proc/{p}/cmdline", "rb").read())
-
-    def launcher_pid(self) -> int:
-        return self.proc.pid
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _workers(torchrun: int) -> list[int]:
-    return _children(torchrun)
-
-
-@pytest.fixture(scope="module")
-def reference(cache, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    run = Launch(launch_args(cache, run_dir))
-    assert run.finish() == 0, run.output
-    return losses(run_dir)
-
+@pytest.fixture
+def reference(launch_reference):
+    return launch_reference
 
 def resume_matches(cache, run_dir, reference):
     run = Launch(launch_args(cache, run_dir, ["--resume_from_checkpoint=latest"]))
@@ -132,7 +57,7 @@ def test_sigterm_to_every_process_at_once_twice_is_one_stop(cache, reference, tm
     run = Launch(launch_args(cache, tmp_path))
     run.wait_for("step 3/")
     torchrun = run.torchrun_pid()
-    everyone = [run.launcher_pid(), torchrun, *_workers(torchrun)]
+    everyone = [run.launcher_pid(), torchrun, *workers(torchrun)]
     assert len(everyone) == 4
     for _ in range(2):
         for pid in everyone:
@@ -148,7 +73,7 @@ def test_a_signal_after_the_window_kills_at_once(cache, tmp_path):
     run = Launch(launch_args(cache, tmp_path, ["--run.stop_window_s=1"]))
     run.wait_for("step 2/")
     torchrun = run.torchrun_pid()
-    for pid in _workers(torchrun):
+    for pid in workers(torchrun):
         os.kill(pid, signal.SIGSTOP)
     os.kill(run.launcher_pid(), signal.SIGTERM)
     run.wait_for("stop requested")
@@ -167,7 +92,7 @@ def test_sigusr1_saves_and_the_run_goes_on(cache, reference, tmp_path):
     run = Launch(launch_args(cache, tmp_path))
     run.wait_for("step 3/")
     torchrun = run.torchrun_pid()
-    for pid in [run.launcher_pid(), torchrun, *_workers(torchrun)]:  # the job's processes
+    for pid in [run.launcher_pid(), torchrun, *workers(torchrun)]:  # the job's processes
         os.kill(pid, signal.SIGUSR1)
     assert run.finish() == 0, run.output
     steps = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))

@@ -25,7 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from megalite.checkpoint import format as ckpt
-from megalite.config import Config, ModelConfig, resolve, save_yaml, validate
+from megalite.config import Config, ModelConfig, resolve, save_yaml
+from megalite.config_checks import validate
 from megalite.data.tokenizer import Tokenizer
 from megalite.errors import CheckpointError, ConfigError
 from megalite.training.guard import StepGuard

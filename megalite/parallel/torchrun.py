@@ -10,6 +10,9 @@ non-zero with a traceback, even when the workers stopped cleanly and saved. Run 
   request (copies arrive from the terminal, `timeout`, launch.sh and Slurm at once):
   the first is forwarded to the workers as torchrun does, the copies are ignored;
   one after the window ends torchrun at once (its workers die with it: PDEATHSIG);
+- does not restart the workers (run.max_restarts, torchrun's --max_restarts) when every
+  failed worker exited with a user error (exit 2: a config or data mistake, which a
+  restart would only repeat); other failures restart as torchrun does;
 - ignores SIGUSR1, whose default action would kill it; the workers inherit it ignored
   and install their own "save after this step" handler (training/signals.py);
 - exits 0 when rank 0 recorded a finished run or a clean stop in
@@ -30,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed.elastic.agent.server.local_elastic_agent as elastic_agent
 import torch.distributed.elastic.multiprocessing.api as elastic_api
 import torch.distributed.elastic.multiprocessing.errors as elastic_errors
 import torch.distributed.run as torch_run
@@ -52,6 +56,22 @@ def _one_request_per_window(window_s: float) -> None:
         raise_stop(signum, frame)
 
     elastic_api._terminate_process_handler = handler
+
+
+def _no_restart_after_user_errors() -> None:
+    """Wrap the agent's check of its workers: a failure of user errors only leaves it no
+    restarts, so it stops the run as after the last one."""
+    agent = elastic_agent.LocalElasticAgent
+    monitor = agent._monitor_workers
+
+    def watched(self, worker_group):
+        result = monitor(self, worker_group)
+        if result.is_failed() and result.failures and all(
+                f.exitcode == USER_ERROR for f in result.failures.values()):
+            self._remaining_restarts = 0
+        return result
+
+    agent._monitor_workers = watched
 
 
 def _outcome() -> dict | None:
@@ -96,6 +116,7 @@ def _report(error) -> int:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _one_request_per_window(float(os.environ.get("MEGALITE_STOP_WINDOW_S", "10")))
+    _no_restart_after_user_errors()
     status, failure = 0, None
     try:
         torch_run.main(argv)
