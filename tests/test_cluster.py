@@ -159,22 +159,38 @@ def test_the_preflight_prints_the_launch(launch_cache, tmp_path, monkeypatch):
                    monkeypatch)
 
 
+FAKE_SRUN = """#!/bin/bash
+# srun's one task per node, all on this machine: SLURM_NODEID 0 .. SLURM_NNODES-1
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
 def test_two_slurm_nodes_on_loopback_match_one_node(launch_cache, launch_reference, tmp_path):
-    """srun's one task per node, here two launch.sh on one machine: every value comes from
-    SLURM_*, the rendezvous host from a compressed node list (its first host: 127.0.0.1)."""
+    """examples/slurm.sbatch as Slurm runs it, with an srun that starts its two "nodes" on
+    this machine: every value comes from SLURM_*, the rendezvous host from a compressed
+    node list (its first host: 127.0.0.1)."""
+    bin_dir, run_dir = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
     job = str(random.randrange(10 ** 6))  # its own port: a parallel run elsewhere differs
     slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "127.0.0.[1-2]",
              "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_ID": job,
+             "PATH": f"{bin_dir}:{os.environ['PATH']}",
              # torchrun gives each worker one thread only when a node has several; the
              # one-node reference had one, and matmuls add up in another order on two
              "OMP_NUM_THREADS": "1"}
-    args = launch_args(launch_cache, tmp_path)
-    nodes = [Launch(args, env={**slurm, "SLURM_NODEID": str(n)}) for n in (0, 1)]
-    codes = [node.finish() for node in nodes]
-    assert codes == [0, 0], "\n".join(node.output for node in nodes)
-    assert all(f"--rdzv_endpoint=127.0.0.1:{JOB_PORT_BASE + int(job) % JOB_PORT_SPAN}"
-               in node.output for node in nodes)
-    assert losses(tmp_path) == launch_reference  # bit for bit
-    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+    args = launch_args(launch_cache, run_dir)[1:]  # the config and overrides
+    job_run = Launch(["bash", "examples/slurm.sbatch", *args], env=slurm)
+    assert job_run.finish() == 0, job_run.output
+    port = JOB_PORT_BASE + int(job) % JOB_PORT_SPAN
+    assert job_run.output.count(f"--rdzv_endpoint=127.0.0.1:{port}") == 2, job_run.output
+    assert losses(run_dir) == launch_reference  # bit for bit
+    assert sorted(p.name for p in (run_dir / "logs").iterdir()) == [
         "rank_00000.log", "rank_00001.log"]
-    assert max(losses(tmp_path)) == STEPS
+    assert max(losses(run_dir)) == STEPS

@@ -95,12 +95,9 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_only_comm_calls_torch_distributed():
     """parallel/comm.py is the one place that calls torch.distributed (so device checks,
-    counters, timeouts and error messages are in one place); process start-up in
-    parallel/launch.py may call init_process_group and nothing else, parallel/torchrun.py
-    runs torchrun itself; kernels/ take the
-    reduction they need as a callable."""
+    counters, timeouts and error messages are in one place); parallel/torchrun.py runs
+    torchrun itself; kernels/ take the reduction they need as a callable."""
     allowed = {"megalite/parallel/comm.py": None,
-               "megalite/parallel/launch.py": {"init_process_group"},
                # launch.sh's torchrun: the stock launcher with megalite's signal rules
                "megalite/parallel/torchrun.py": {"main", "SignalException", "ChildFailedError",
                                                  "_terminate_process_handler",

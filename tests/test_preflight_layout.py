@@ -118,8 +118,9 @@ def test_cuda_without_a_gpu_stops_the_preflight(capsys, cache, tmp_path):
 def test_valid_layouts_pass_and_print_the_world_size(capsys, cache, tmp_path, layout, world):
     code, out, err = preflight(capsys, cache, tmp_path, *layout)
     assert code == 0, err
-    lines = out.splitlines()  # for launch.sh: ranks, stop window, run directory
-    assert lines == [str(world), "10", str(tmp_path)], out
+    lines = out.splitlines()  # for launch.sh: ranks, stop window, run directory, torchrun's
+    assert lines == [str(world), "10", str(tmp_path),
+                     f"--standalone --nproc_per_node={world} --max_restarts=0"], out
 
 
 def test_every_pipeline_rank_and_dp_rank_is_checked(cache, tmp_path, monkeypatch):

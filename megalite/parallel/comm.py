@@ -29,6 +29,7 @@ trouble leaves the plain message. Under NCCL this needs its errors to reach Pyth
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from collections import Counter
@@ -81,6 +82,25 @@ def world() -> tuple[bool, int, int]:
     if dist.is_available() and dist.is_initialized():
         return True, dist.get_rank(), dist.get_world_size()
     return False, 0, 1
+
+
+def init_world(backend: str, timeout: timedelta, device_id=None) -> None:
+    """Join the default process group from torchrun's environment. Under torchrun's
+    agent store (TORCHELASTIC_USE_AGENT_STORE=True) the store outlives a restart with
+    the keys the last attempt's ranks wrote (each rank's gloo address, NCCL's unique id),
+    which a restarted rank would read as its new peers' and connect to the dead ranks:
+    each attempt (TORCHELASTIC_RESTART_COUNT) gets keys of its own."""
+    options = {"backend": backend, "timeout": timeout}
+    if device_id is not None:
+        options["device_id"] = device_id
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              size, is_master=False, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        options.update(store=dist.PrefixStore(f"megalite/attempt_{attempt}", store),
+                       rank=rank, world_size=size)
+    dist.init_process_group(**options)
 
 
 def new_group(members: list[int], timeout_s: float | None = None):

@@ -19,7 +19,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megalite.errors import ConfigError
 from megalite.parallel import comm
@@ -65,7 +64,7 @@ def pick_device(cfg, local_rank: int) -> str:
 
 
 def process_group_options(device: str, timeout_s: float) -> dict:
-    """init_process_group's arguments: NCCL on CUDA, bound to this rank's device (set by
+    """comm.init_world's arguments: NCCL on CUDA, bound to this rank's device (set by
     pick_device first), so torch creates each group's communicator when the group is
     made, every member present, rather than at its first p2p batch, which not every
     member of the group takes part in, and which would then hang; gloo on CPU."""
@@ -89,8 +88,7 @@ def setup(cfg) -> tuple[Topology, str]:
         _die_with_parent()
         _log_to_file(cfg, rank)
     if world > 1 and not comm.world()[0]:
-        # process start-up is the one torch.distributed call outside comm.py
-        dist.init_process_group(**process_group_options(device, cfg.parallel.timeout_s))
+        comm.init_world(**process_group_options(device, cfg.parallel.timeout_s))
     p = cfg.parallel
     topo = build_topology(p.tp, p.sp, p.dp, p.pp, timeout_s=p.timeout_s, device=device,
                           zero_shard=p.zero_shard)
