@@ -16,7 +16,7 @@ TWO_RANKS = ["--parallel.dp=2", "--train.micro_batch_size=4"]
 STEPS = 60
 LAUNCH_TIMEOUT_S = 240
 # what launch.sh reads to find the nodes and ranks (megalite/parallel/cluster.py)
-LAUNCH_VARS = {"NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID",
+LAUNCH_VARS = {"NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "RDZV_CONF",
                "WORLD_SIZE", "RANK", "LOCAL_RANK"}
 LAUNCH_PREFIXES = ("SLURM_", "TORCHELASTIC_")
 

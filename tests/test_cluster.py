@@ -83,9 +83,11 @@ def test_launch_defaults_and_errors():
     assert (alone.max_nodes, alone.nproc_per_node) == (1, None)
     assert torchrun_args(alone, 2, 0) == ["--standalone", "--nproc_per_node=2",
                                           "--max_restarts=0"]
-    elastic = launch_from_env({"NNODES": "1:2", "MASTER_ADDR": "h"})
+    elastic = launch_from_env({"NNODES": "1:2", "MASTER_ADDR": "h",
+                               "RDZV_CONF": "last_call_timeout=5"})
     assert elastic.elastic and elastic.worlds(4) == [4, 8]
-    assert "--nnodes=1:2" in torchrun_args(elastic, 4, 1)
+    assert {"--nnodes=1:2", "--rdzv_conf=last_call_timeout=5"} <= {
+        *torchrun_args(elastic, 4, 1)}
     with pytest.raises(ConfigError, match="set MASTER_ADDR"):
         torchrun_args(launch_from_env({"NNODES": "2"}), 1, 0)
     for bad in ("two", "2:1", "0"):

@@ -6,6 +6,7 @@ answering ends the run on the others within parallel.timeout_s.
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from launching import STEPS, Launch, launch_args, workers
-from megalite.parallel.comm import REPORT_GRACE_S
+from megalite.parallel.comm_failure import REPORT_GRACE_S
 from parity import FP64_ATOL, FP64_RTOL
 from test_train import losses, tiny_args
 
@@ -58,6 +59,19 @@ def _attempts(tmp_path, exit_code: int, max_restarts: int) -> int:
 def test_a_user_error_does_not_burn_restarts(tmp_path):
     assert _attempts(tmp_path, 1, max_restarts=2) == 3  # a crash: restarted twice
     assert _attempts(tmp_path, 2, max_restarts=2) == 1  # a config or data mistake: once
+
+
+def test_ranks_torchrun_stopped_after_a_user_error_do_not_make_it_a_crash(capsys):
+    from types import SimpleNamespace
+    from megalite.parallel.torchrun import report_failure
+
+    def status(*codes):
+        failures = {rank: SimpleNamespace(exitcode=c) for rank, c in enumerate(codes)}
+        return report_failure(SimpleNamespace(failures=failures))
+    assert status(-signal.SIGTERM, 2) == 2  # rank 1's user error; rank 0 stopped for it
+    assert "rank 0 was stopped by torchrun after that failure" in capsys.readouterr().err
+    assert status(-signal.SIGTERM, 1) == 1 and status(2, -signal.SIGKILL) == 1
+    assert status(-signal.SIGTERM) == 1  # a signal from outside, nothing else: a crash
 
 
 def test_a_checkpoint_of_4_ranks_resumes_on_2_with_dp_auto(launch_cache, tmp_path):
@@ -123,3 +137,64 @@ def test_a_rank_that_stops_answering_ends_the_run_on_every_other(launch_cache, t
         assert "CollectiveError" in log and "parallel.timeout_s" in log, log[-3000:]
     # rank 3's own groups (pipeline and data parallel) say it never reported
     assert sum("rank 3 did not report" in log for log in logs) >= 2, logs
+
+
+def test_an_elastic_run_goes_on_after_losing_a_node(launch_cache, tmp_path):
+    """NNODES=1:2 on loopback, two "nodes" of 2 ranks; the one that does not host the
+    rendezvous loses power (every process SIGKILLed): the other restarts its workers on
+    its own, dp halves, and they resume from the latest checkpoint to the end."""
+    port = _free_port()
+    env = {"NNODES": "1:2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+           # notice the lost node after 3 missed 1 s heartbeats, form the smaller group
+           # 2 s after that (torchrun's defaults: 5 s heartbeats, a 30 s last call)
+           "RDZV_CONF": "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=2"}
+    args = ["./launch.sh", "configs/tiny.yaml", *tiny_args(launch_cache, tmp_path, steps=150, extra=[
+        "--parallel.dp=auto", "--train.micro_batch_size=2", "--checkpoint.every=5",
+        "--run.max_restarts=1", "--train.eval_every=0"])]
+    nodes = [Launch(args, env=env) for _ in range(2)]  # together: one first round of 4
+    latest = tmp_path / "checkpoints" / "latest"
+    _wait_until(lambda: latest.is_file() and int(latest.read_text().strip()[5:]) >= 10
+                or any(node.proc.poll() is not None for node in nodes))
+    owner = _listener(port)  # the torchrun that holds the rendezvous store
+    host, lost = sorted(nodes, key=lambda node: node.torchrun_pid() != owner)
+    assert host.torchrun_pid() == owner, [node.output for node in nodes]
+    torchrun = lost.torchrun_pid()
+    for pid in [lost.launcher_pid(), torchrun, *workers(torchrun)]:
+        os.kill(pid, signal.SIGKILL)
+    assert host.finish() == 0, host.output
+    first, restarted = host.output.split("restart 1 after a failure: resuming from")
+    assert "over 4 ranks" in (tmp_path / "logs" / "rank_00000.log").read_text()
+    assert "over 2 ranks" in restarted and "step 150/150" in restarted, host.output
+    assert max(losses(tmp_path)) == 150
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listener(port: int) -> int | None:
+    """The pid of the process listening on TCP `port` (from /proc: no tool needed)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
+def _wait_until(condition, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.05)

@@ -1,7 +1,10 @@
 """Where the ranks run: the launch read from the environment, by hand or under Slurm.
 
 `launch_from_env(env)` reads what launch.sh was given: NNODES (a count, or MIN:MAX for an
-elastic run), NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID. Under `srun`
+elastic run), NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID, and RDZV_CONF
+(torchrun's --rdzv_conf: how long an elastic rendezvous waits, e.g.
+`last_call_timeout=5,keep_alive_interval=1`; by default a lost node is noticed after
+3 missed 5 s heartbeats and a shrunken group forms 30 s later). Under `srun`
 (one task per node) the ones not set come from Slurm: SLURM_NNODES, SLURM_NODEID,
 SLURM_GPUS_ON_NODE, the first host of SLURM_STEP_NODELIST (or SLURM_JOB_NODELIST) as the
 rendezvous host, and the port and rendezvous id from SLURM_JOB_ID, so two jobs sharing a
@@ -97,6 +100,7 @@ class Launch:
     master_addr: str | None
     master_port: int
     rdzv_id: str
+    rdzv_conf: str = ""
 
     @property
     def elastic(self) -> bool:
@@ -150,7 +154,8 @@ def launch_from_env(env: Mapping[str, str]) -> Launch:
         port = DEFAULT_PORT
     rdzv_id = env.get("RDZV_ID") or (f"megalite-{job}" if job else f"megalite-{port}")
     launch = Launch(min_nodes, max_nodes, _int(env, rank_var) if rank_var else 0,
-                    _int(env, nproc_var, 1) if nproc_var else None, addr, port, rdzv_id)
+                    _int(env, nproc_var, 1) if nproc_var else None, addr, port, rdzv_id,
+                    env.get("RDZV_CONF", ""))
     if launch.node_rank >= max_nodes:
         raise ConfigError(f"{rank_var}={launch.node_rank} but there are {max_nodes} nodes "
                           f"(NNODES); node ranks go from 0 to {max_nodes - 1}.")
@@ -169,6 +174,7 @@ def torchrun_args(launch: Launch, nproc: int, max_restarts: int) -> list[str]:
                           f"under srun, which names the nodes.")
     nodes = (f"{launch.min_nodes}:{launch.max_nodes}" if launch.elastic
              else str(launch.max_nodes))
+    conf = [f"--rdzv_conf={launch.rdzv_conf}"] if launch.rdzv_conf else []
     return [f"--nnodes={nodes}", f"--node_rank={launch.node_rank}", "--rdzv_backend=c10d",
             f"--rdzv_id={launch.rdzv_id}",
-            f"--rdzv_endpoint={launch.master_addr}:{launch.master_port}", *common]
+            f"--rdzv_endpoint={launch.master_addr}:{launch.master_port}", *conf, *common]

@@ -18,13 +18,9 @@ their intervals in `group.blocked` (host clock on CPU, CUDA events on GPU) and
 A collective that fails (a peer died, or the group's timeout passed) raises
 `CollectiveError` naming the group, the collective, the rank and the members that did
 not take part: `run` for any blocking call (p2p posts and waits too), `start` + `Pending`
-for asynchronous ones. Each Group numbers its calls in plain ints (no store traffic on
-the normal path). On failure the rank publishes its numbers on every group it is in to
-the c10d store (a peer stuck in another group's collective fails there and still
-reports for this one), then waits a bounded grace for the other members' numbers: one
-behind did not take part, one silent is dead or hung outside a collective. Store
-trouble leaves the plain message. Under NCCL this needs its errors to reach Python
-(TORCH_NCCL_BLOCKING_WAIT=1); by default its watchdog aborts the process instead.
+for asynchronous ones. Each Group numbers its calls in plain ints; comm_failure.py turns
+the numbers every member reports into the message. Under NCCL this needs its errors to
+reach Python (TORCH_NCCL_BLOCKING_WAIT=1); by default its watchdog aborts the process.
 """
 
 from __future__ import annotations
@@ -39,9 +35,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
-class CollectiveError(RuntimeError):
-    pass
+from megalite.parallel.comm_failure import CollectiveError, explain_failure
 
 
 @dataclass(eq=False)
@@ -73,7 +67,6 @@ class Group:
 
 # Every Group with a process group, so a failure can publish the numbers of all of them.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
-REPORT_GRACE_S = 10.0  # the longest a failure waits for the other members' numbers
 
 
 # ---- process groups ---------------------------------------------------------------------
@@ -148,58 +141,6 @@ def _count(group: Group, op: str) -> int:
     return group.calls
 
 
-def _key(group: Group, rank: int) -> str:
-    # torch names a process group by a counter that every rank advances in the same order
-    # (all ranks call new_group), so the name is the same on every member and unique per
-    # group instance in this world, even when a topology is re-created with equal members.
-    return f"megalite/calls/{group.name}/{group.pg.group_name}/{rank}"
-
-
-def _peers(group: Group, op: str, call: int, me: int) -> str:
-    """Publish this rank's numbers on every live group, then say how far each other member
-    of `group` got, waiting for their numbers at most one timeout (a member stuck in
-    another collective when this one failed fails within it), capped at REPORT_GRACE_S."""
-    store = dist.distributed_c10d._get_default_store()
-    for g in list(_LIVE):  # skip destroyed groups: a later world may reuse their names
-        if g.pg in dist.distributed_c10d._world.pg_map:
-            store.set(_key(g, me), f"{g.calls} {g.last_op} {g.p2p_calls}")
-    try:
-        timeout = group.pg._get_backend(group.device).options._timeout.total_seconds()
-    except Exception:
-        timeout = REPORT_GRACE_S
-    others = [r for r in group.ranks if r != me]
-    # Poll check() rather than wait(): a wait that runs out logs socket timeouts that
-    # read like the cause of the failure.
-    deadline = time.monotonic() + min(timeout, REPORT_GRACE_S)
-    while not store.check([_key(group, r) for r in others]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    parts = []
-    for r in others:
-        if not store.check([_key(group, r)]):
-            parts.append(f"rank {r} did not report (dead, or hung outside a collective)")
-            continue
-        n, last, p2p_n = store.get(_key(group, r)).decode().split()
-        if op == "p2p":  # p2p numbers are per stage: informative, not comparable
-            parts.append(f"rank {r} reached p2p call #{p2p_n}")
-        else:
-            behind = f" and did not take part in call #{call}" if int(n) < call else ""
-            parts.append(f"rank {r} reached call #{n} ({last}){behind}")
-    return "; ".join(parts)
-
-
-def _failure(group: Group, op: str, call: int, e: Exception) -> CollectiveError:
-    me = world()[1]
-    try:
-        peers = f" {_peers(group, op, call, me)}."
-    except Exception:  # no store, or it failed too: the plain message still holds
-        peers = ""
-    return CollectiveError(
-        f"{op} on the {group.name} group (ranks {list(group.ranks)}) failed on global rank "
-        f"{me} at its {'p2p ' if op == 'p2p' else ''}call #{call} on this group: {e}.{peers} "
-        f"A peer rank probably died or hung; see its log in the run directory. "
-        f"parallel.timeout_s sets how long a collective waits.")
-
-
 def run(group: Group, op: str, nbytes: int, fn):
     """Call `fn` (a blocking collective, p2p post or wait) counting `nbytes` and the time
     blocked under `op`; a failure becomes a CollectiveError naming group, op and rank."""
@@ -209,7 +150,7 @@ def run(group: Group, op: str, nbytes: int, fn):
     try:
         result = fn()
     except RuntimeError as e:
-        raise _failure(group, op, call, e) from e
+        raise explain_failure(group, op, call, e, world()[1], _LIVE) from e
     group.blocked.append((op, began, _now(group)))
     return result
 
@@ -251,7 +192,7 @@ def start(group: Group, op: str, nbytes: int, fn):
     try:
         return fn()
     except RuntimeError as e:
-        raise _failure(group, op, call, e) from e
+        raise explain_failure(group, op, call, e, world()[1], _LIVE) from e
 
 
 @dataclass(eq=False)

@@ -21,7 +21,8 @@ non-zero with a traceback, even when the workers stopped cleanly and saved. Run 
 - otherwise, when workers failed, prints one paragraph: which ranks, their exit codes,
   and the end of each failed rank's log under MEGALITE_RUN_DIR (rank 0's console
   already showed its own), then exits 2 when every failure was a user error (the
-  workers' exit 2) and 1 for a crash.
+  workers' exit 2; the workers torchrun itself then stopped with SIGTERM do not count)
+  and 1 for a crash.
 """
 
 from __future__ import annotations
@@ -105,12 +106,19 @@ def _describe(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _report(error) -> int:
+def report_failure(error) -> int:
     failures = sorted(error.failures.items())
-    lines = [f"[megalite] the run failed: rank {rank} {_describe(f.exitcode)}"
-             + ("" if rank == 0 else _log_tail(rank)) for rank, f in failures]
+    # torchrun stops the other workers with SIGTERM once one failed: those are not causes
+    causes = {rank for rank, f in failures if f.exitcode != -signal.SIGTERM} or \
+        {rank for rank, _ in failures}
+    lines = [f"[megalite] the run failed: rank {rank} "
+             + (_describe(f.exitcode) if rank in causes else
+                "was stopped by torchrun after that failure")
+             + ("" if rank == 0 or rank not in causes else _log_tail(rank))
+             for rank, f in failures]
     print("\n".join(lines), file=sys.stderr, flush=True)
-    return USER_ERROR if all(f.exitcode == USER_ERROR for _, f in failures) else 1
+    user = all(f.exitcode == USER_ERROR for rank, f in failures if rank in causes)
+    return USER_ERROR if user else 1
 
 
 def main(argv: list[str]) -> int:
@@ -127,7 +135,7 @@ def main(argv: list[str]) -> int:
     outcome = _outcome()
     if outcome and outcome.get("status") in ("finished", "stopped"):
         return 0
-    return _report(failure) if failure is not None else status
+    return report_failure(failure) if failure is not None else status
 
 
 if __name__ == "__main__":
