@@ -141,6 +141,10 @@ def _count(group: Group, op: str) -> int:
     return group.calls
 
 
+def _failure(group: Group, op: str, call: int, e: Exception) -> CollectiveError:
+    return explain_failure(group, op, call, e, world()[1], _LIVE)
+
+
 def run(group: Group, op: str, nbytes: int, fn):
     """Call `fn` (a blocking collective, p2p post or wait) counting `nbytes` and the time
     blocked under `op`; a failure becomes a CollectiveError naming group, op and rank."""
@@ -150,7 +154,7 @@ def run(group: Group, op: str, nbytes: int, fn):
     try:
         result = fn()
     except RuntimeError as e:
-        raise explain_failure(group, op, call, e, world()[1], _LIVE) from e
+        raise _failure(group, op, call, e) from e
     group.blocked.append((op, began, _now(group)))
     return result
 
@@ -192,7 +196,7 @@ def start(group: Group, op: str, nbytes: int, fn):
     try:
         return fn()
     except RuntimeError as e:
-        raise explain_failure(group, op, call, e, world()[1], _LIVE) from e
+        raise _failure(group, op, call, e) from e
 
 
 @dataclass(eq=False)
