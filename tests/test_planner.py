@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from megalite.config import load_config
 from megalite.planning.planner import Cluster, command_line, hybrid_shard, plan
 from test_estimate import NARAYANAN, ROOT, paper_config
 
@@ -132,3 +133,22 @@ def test_command_line_keeps_overrides_and_env():
     assert line.startswith("NNODES=2 NPROC_PER_NODE=8 ")
     assert "./launch.sh my.yaml --model.hidden_size=512 --parallel.tp=8 --parallel.tp_sp=true" \
         in line and "--parallel.tp=1" not in line
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_config_estimates_with_its_tokenizers_vocabulary(config, tmp_path):
+    """No model.vocab_size: the default tokenizer, not trained in this empty cache, gives
+    data.vocab_size, the size it is trained to."""
+    done = run_tool(f"configs/{config}", f"--data.cache_dir={tmp_path}", "--json")
+    assert done.returncode == 0, done.stderr
+    vocab = load_config(ROOT / "configs" / config).data.vocab_size
+    assert f"vocabulary {vocab:,} from data.vocab_size" in done.stderr
+    assert json.loads(done.stdout)["param_count"] > 0
+
+
+def test_the_estimate_reads_a_trained_tokenizer(launch_cache, tmp_path):
+    from test_train import tiny_args
+    args = [a for a in tiny_args(launch_cache, tmp_path) if a.startswith("--data.")]
+    done = run_tool("configs/tiny.yaml", *args, "--json")
+    assert done.returncode == 0, done.stderr
+    assert "from the tokenizer " in done.stderr and "tokenizer.model" in done.stderr

@@ -5,8 +5,9 @@
         [--gpu-memory-gb 80] [--peak-tflops 989] [--intra-gbps 450] [--inter-gbps 50]
         [--efficiency 0.5] [--top 10] [--json]
 
-No data or weights are read: give model.vocab_size. The device is train.device, cuda
-when it is auto. Without --plan: parameters, FLOPs per iteration and the bytes per
+No data or weights are read; model.vocab_size 0 is the vocabulary of the tokenizer the
+config names (data.tokenizer, that of data.paths, or the default one: data.vocab_size
+until it is trained). The device is train.device, cuda when it is auto. Without --plan: parameters, FLOPs per iteration and the bytes per
 rank of every pipeline stage (params, grads, optimizer, activations, buffers), the
 most loaded first in --json's `memory_bytes`, and the ZeRO shard size and replica
 count (`zero_shard_size`, `zero_replicas`: parallel.zero_shard's hybrid sharding).
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megalite.cli import run_main  # noqa: E402
 from megalite.cli import parse_overrides  # noqa: E402
 from megalite.config import load_config  # noqa: E402
+from megalite.data.build import tokenizer_vocab_size  # noqa: E402
 from megalite.errors import ConfigError  # noqa: E402
 from megalite.planning.estimate import MEMORY_KEYS, estimate, prepare  # noqa: E402
 from megalite.planning.planner import Cluster, command_line, layout_of, plan  # noqa: E402
@@ -63,6 +65,9 @@ def parse(argv: list[str]):
 def estimate_main(argv: list[str]) -> int:
     path, overrides, switches, values = parse(argv)
     cfg = load_config(path, overrides)
+    if not cfg.model.vocab_size:
+        cfg.model.vocab_size, source = tokenizer_vocab_size(cfg)
+        print(f"[megalite] vocabulary {cfg.model.vocab_size:,} from {source}", file=sys.stderr)
     if "plan" in switches:
         cluster = Cluster(**{k.replace("-", "_"): v for k, v in values.items() if k != "top"})
         plans = plan(prepare(cfg, check=False), cluster, values["top"])

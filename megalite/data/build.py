@@ -6,7 +6,8 @@ once, before any training worker starts (the launcher calls it): with no
 token files into a cache directory keyed by everything that shapes them, reusing a
 complete one. `build_data` runs in every worker and only opens what exists; it never
 prepares, so ranks cannot race to write the same files. `resolve_with_data` then fills
-the config's automatic sizes from the tokenizer, in every worker and in the preflight.
+the config's automatic sizes from the tokenizer, in every worker and in the preflight;
+`tokenizer_vocab_size` gives the vocabulary alone (the estimator's), reading no data.
 """
 
 from __future__ import annotations
@@ -164,6 +165,23 @@ def build_data(cfg: Config) -> DataBundle:
                         f"tokenizer {tokenizer_path} has {tokenizer.vocab_size}; re-prepare the "
                         f"data with this tokenizer.")
     return DataBundle(train=train, val=val, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size)
+
+
+def tokenizer_vocab_size(cfg: Config) -> tuple[int, str]:
+    """(vocabulary size, where it came from) of the tokenizer `cfg` names, reading no
+    data: data.tokenizer's; else the tokenizer data.paths were prepared with; else the
+    default corpus's tokenizer, once trained, or data.vocab_size, the size it is trained
+    to (a small corpus may give fewer pieces: an upper bound)."""
+    if cfg.data.tokenizer:
+        path = _given_tokenizer(cfg)
+    elif cfg.data.paths:
+        path = _tokenizer_for_paths(cfg, parse_data_paths(cfg.data.paths))
+    else:
+        path = default_data_dir(cfg) / f"{DEFAULT_TOKENIZER_NAME}.model"
+        if not path.is_file():
+            return cfg.data.vocab_size, (f"data.vocab_size (the default tokenizer, not yet "
+                                         f"trained)")
+    return Tokenizer(path).vocab_size, f"the tokenizer {path}"
 
 
 def resolve_with_data(cfg: Config, data: DataBundle, device: str) -> Config:
