@@ -1,4 +1,4 @@
-"""Installs the megalite and kernels packages (`pip install -e .[dev]`)."""
+"""Installs the megalite and kernels packages (`pip install -e .[dev,viz,data]`)."""
 
 from setuptools import find_packages, setup
 
@@ -17,6 +17,9 @@ setup(
         "einops",
         "PyYAML",
     ],
-    extras_require={"dev": ["pytest", "transformers"], "viz": ["matplotlib"]},
+    # Optional: megalite runs without them and says which to install when one is needed.
+    # launch.sh's environment (tools/env.sh) has them all, so every README command runs.
+    extras_require={"dev": ["pytest", "transformers"], "viz": ["matplotlib"],
+                    "data": ["pyarrow", "zstandard", "tqdm"]},
     entry_points={"console_scripts": ["megalite-train=megalite.train:main"]},
 )

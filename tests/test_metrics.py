@@ -120,9 +120,9 @@ def test_disabled_logger_writes_nothing(tmp_path):
 
 def test_console_line_has_the_fields():
     line = console_line(record(10, val_loss=3.25, mfu=0.412, mem_rss=3 << 30,
-                               mem_gpu_alloc=1 << 30, skipped=2),
+                               mem_gpu_alloc=1 << 30, skipped=2, epoch=0.0625),
                         total_steps=100, elapsed_s=20.0)
-    for part in ("10/100", "loss 4.0000", "val_loss 3.2500", "lr 1.000e-03", "grad_norm 0.500",
+    for part in ("10/100", "epoch 0.062", "loss 4.0000", "val_loss 3.2500", "lr 1.000e-03", "grad_norm 0.500",
                  "1,000 tok/s", "mfu 41.2%", "rss 3.0GB", "gpu 1.0GB", "skipped 2", "eta 3m00s"):
         assert part in line, (part, line)
     short = console_line({"step": 60, "loss": 1.0}, total_steps=100, elapsed_s=10.0,

@@ -35,7 +35,6 @@ def fake_run(run_dir: Path, steps=20, eval_every=10):
 
 
 def test_plots_every_curve(tmp_path):
-    pytest.importorskip("matplotlib")
     plot = load_plot()
     fake_run(tmp_path)
     rows = plot.read_metrics(tmp_path)
@@ -50,7 +49,6 @@ def test_plots_every_curve(tmp_path):
 
 
 def test_curve_without_values_is_skipped(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     plot = load_plot()
     MetricsLogger(tmp_path).log({"step": 0, "val_loss": 8.0, "lr": 1e-4})
     written = plot.plot_run(tmp_path, tmp_path / "out")

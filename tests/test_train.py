@@ -58,6 +58,10 @@ def test_loss_falls_and_run_dir_is_complete(reference):
     assert (reference / "checkpoints" / "latest").read_text().strip() == "step_0000012"
     index = ckpt.read_index(reference / "checkpoints" / "step_0000012")
     assert index["step"] == 12 and index["consumed_samples"] == 96
+    # every record says how much of the training corpus the run has consumed
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    samples = index["sampler"]["num_samples"]
+    assert [r["epoch"] for r in rows] == [r["step"] * 8 / samples for r in rows]
     assert {"hostname", "hardware", "torch_version", "timestamp", "config"} <= set(index)
 
 

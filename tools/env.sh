@@ -3,7 +3,9 @@
 # A torch that the system python can already import is reused (the venv sees system
 # site-packages) instead of downloading another; otherwise `pip install torch==2.13.0`
 # runs, which on our CPU machines takes the local CPU wheel. Set MEGALITE_TORCH to
-# another pip spec (or PIP_INDEX_URL to PyTorch's CPU index) on other machines.
+# another pip spec (or PIP_INDEX_URL to PyTorch's CPU index) on other machines. The
+# optional extras come too (plots, Parquet and compressed corpora, progress bars): the
+# package runs without them, the project's commands and tests use them.
 megalite_env() {
   local root venv stamp want py
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +25,7 @@ megalite_env() {
     if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
       "$venv/bin/pip" install -q --disable-pip-version-check "${MEGALITE_TORCH:-torch==2.13.0}" || return 1
     fi
-    "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e "$root[dev]" || return 1
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e "$root[dev,viz,data]" || return 1
     echo "$want" > "$stamp"
   fi
   export PATH="$venv/bin:$PATH"

@@ -57,6 +57,11 @@ class BatchSampler:
     def epoch(self) -> int:
         return self.consumed_samples // self.num_samples
 
+    @property
+    def epochs_consumed(self) -> float:
+        """The fraction of the training samples consumed so far (1.0: one epoch)."""
+        return self.consumed_samples / self.num_samples
+
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
             rng = np.random.default_rng([self.seed, epoch])

@@ -50,8 +50,8 @@ PEAK_TFLOPS = {
     "V100": 125.0,
 }
 
-COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "step_time", "mfu",
-           "mem_rss", "mem_gpu_alloc", "mem_gpu_peak", "skipped", "hostname", "device")
+COLUMNS = ("step", "epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "step_time",
+           "mfu", "mem_rss", "mem_gpu_alloc", "mem_gpu_peak", "skipped", "hostname", "device")
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
@@ -350,6 +350,7 @@ def console_line(record: dict, total_steps: int, elapsed_s: float, start_step: i
         if value is not None:
             parts.append(fmt(value))
 
+    add("epoch", lambda v: f"epoch {v:.3f}")
     add("loss", lambda v: f"loss {v:.4f}")
     add("val_loss", lambda v: f"val_loss {v:.4f}")
     add("lr", lambda v: f"lr {v:.3e}")

@@ -181,9 +181,9 @@ class Trainer:
         self.last_loss = loss
         clock.mark()
         self.batches.stage_next()  # read and copy while the GPU runs the update
-        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "skipped": self.guard.skipped, "skip_reason": skip, "stop": stopping > 0,
-                  "save": saving > 0,
+        record = {"step": self.step, "epoch": self.sampler.epochs_consumed, "loss": loss,
+                  "lr": lr, "grad_norm": grad_norm, "skipped": self.guard.skipped,
+                  "skip_reason": skip, "stop": stopping > 0, "save": saving > 0,
                   **({"loss_scale": self.optimizer.loss_scale} if self.optimizer.scaler else {}),
                   **({"offload_bytes": self.model.offload.bytes_offloaded - offloaded0}
                      if self.model.offload.enabled else {})}
@@ -258,8 +258,8 @@ class Trainer:
             if signals is None:
                 signals = stack.enter_context(RunSignals(cfg.run.stop_window_s))
             if self.step == 0 and cfg.train.eval_every:
-                record = {"step": 0, "val_loss": self.validate(), "lr": self.schedule(1),
-                          **self._memory()}
+                record = {"step": 0, "epoch": 0.0, "val_loss": self.validate(),
+                          "lr": self.schedule(1), **self._memory()}
                 self.metrics.log(record)
                 print(console_line(record, cfg.train.steps, 0.0), flush=True)
             while self.step < cfg.train.steps:
