@@ -2,9 +2,10 @@
 
 A config is a tree of dataclasses, one per section (model, parallel, train, optim,
 data, checkpoint, log, run). `load_config` reads a YAML file (or the embedded
-defaults), applies command-line overrides, converts every value to the field's type
-and validates the combination (config_checks.py), so that a mistake fails before any
-work starts with a `ConfigError` that names the key, the value and the fix. In two
+defaults) and the files it builds on (a top-level `base: other.yaml`, relative to the
+file: a model's dimensions written once, layouts on top), applies command-line
+overrides, converts every value to the field's type and validates the combination
+(config_checks.py), so that a mistake fails before any work starts with a `ConfigError` that names the key, the value and the fix. In two
 halves where the number of ranks is not known yet (the preflight): `read_config`, then
 `finish_config(cfg, world_size)`, which decides parallel.dp=auto. `resolve` fills the
 values left to "auto" (sizes from the model preset and the tokenizer) so the config
@@ -272,19 +273,35 @@ def _flatten(data: dict, source: str) -> list[tuple[str, object]]:
     return items
 
 
-def read_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
-    """YAML (default: configs/tiny.yaml) plus overrides, converted but not yet validated:
-    parallel.dp may still be "auto" (finish_config decides it)."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def _file_items(path: Path, including: tuple) -> list[tuple[str, object]]:
+    """A YAML file's (key, value) pairs in the order they apply: those of its `base:` file
+    first (a path relative to this file's folder; bases nest), then its own."""
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist. Pass an existing YAML file "
-                          f"(see configs/) or none for the default.")
+        within = f" (the base of '{including[-1]}')" if including else ""
+        raise ConfigError(f"config file '{path}'{within} does not exist. Pass an existing YAML "
+                          f"file (see configs/) or none for the default.")
+    if path.resolve() in including:
+        chain = " -> ".join(str(p) for p in (*including, path.resolve()))
+        raise ConfigError(f"config files include each other in a loop: {chain}; remove a "
+                          f"'base:' key.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    base = data.pop("base", None) if isinstance(data, dict) else None
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base: {base!r}' must be the path of another config file "
+                          f"(relative to this one), e.g. base: models/llama-3-8b.yaml.")
+    inherited = _file_items(path.parent / base, (*including, path.resolve())) if base else []
+    return inherited + _flatten(data, str(path))
+
+
+def read_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
+    """YAML (default: configs/tiny.yaml; with its `base:` files) plus overrides, converted
+    but not yet validated: parallel.dp may still be "auto" (finish_config decides it)."""
+    path = Path(path) if path else DEFAULT_CONFIG
     cfg = Config()
-    for key, value in _flatten(data, str(path)) + list(overrides):
+    for key, value in _file_items(path, ()) + list(overrides):
         _apply(cfg, key, value)
     if not cfg.run.name:
         cfg.run.name = path.stem

@@ -3,19 +3,27 @@
     python tools/estimate.py [--config] CONFIG.yaml [--section.key=value ...] [--json]
     python tools/estimate.py CONFIG.yaml --plan [--gpus-per-node 8] [--nodes 1]
         [--gpu-memory-gb 80] [--peak-tflops 989] [--intra-gbps 450] [--inter-gbps 50]
-        [--efficiency 0.5] [--top 10] [--json]
+        [--efficiency 0.5] [--top 10] [--json] [--write FILE]
 
 No data or weights are read; model.vocab_size 0 is the vocabulary of the tokenizer the
 config names (data.tokenizer, that of data.paths, or the default one: data.vocab_size
-until it is trained). The device is train.device, cuda when it is auto. Without --plan: parameters, FLOPs per iteration and the bytes per
-rank of every pipeline stage (params, grads, optimizer, activations, buffers), the
-most loaded first in --json's `memory_bytes`, and the ZeRO shard size and replica
-count (`zero_shard_size`, `zero_replicas`: parallel.zero_shard's hybrid sharding).
-With --plan: the fastest layouts of nodes x gpus-per-node GPUs that fit, each with the
-launch.sh command that runs it (shard: zero_shard, "all" for one shard over dp x sp).
+until it is trained). The device is train.device, cuda when it is auto.
+
+Without --plan: parameters, FLOPs per iteration and the bytes per rank of every
+pipeline stage (params, grads, optimizer, activations, buffers), the most loaded first
+in --json's `memory_bytes`, and the ZeRO shard size and replica count
+(`zero_shard_size`, `zero_replicas`: parallel.zero_shard's hybrid sharding).
+
+With --plan: the fastest layouts of nodes x gpus-per-node GPUs that fit (layout keys
+given as overrides, say --parallel.zero=3, stay as given), each with the launch.sh
+command that runs it (shard: zero_shard, "all" for one shard over dp x sp); when none
+fits, the memory the smallest needs, and with the optimizer in host memory. --write
+FILE also writes the fastest as a config that builds on CONFIG (`base:`) and that
+./launch.sh FILE runs (megalite/planning/layout_file.py).
 Bandwidths are GB/s per GPU in one direction. See docs/estimate.md.
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,12 +36,14 @@ from megalite.config import load_config  # noqa: E402
 from megalite.data.build import tokenizer_vocab_size  # noqa: E402
 from megalite.errors import ConfigError  # noqa: E402
 from megalite.planning.estimate import MEMORY_KEYS, estimate, prepare  # noqa: E402
-from megalite.planning.planner import Cluster, command_line, layout_of, plan  # noqa: E402
+from megalite.planning.layout_file import layout_file_text, write_layout_file  # noqa: E402
+from megalite.planning.planner import (LAYOUT_KEYS, Cluster, command_line, layout_of,  # noqa: E402
+                                       plan)
 
 SWITCHES = ("json", "plan")
-CLUSTER_FLAGS = {"gpus-per-node": (int, 8), "nodes": (int, 1), "gpu-memory-gb": (float, 80.0),
-                 "peak-tflops": (float, 989.0), "intra-gbps": (float, 450.0),
-                 "inter-gbps": (float, 50.0), "efficiency": (float, 0.5)}
+# --gpus-per-node 8 ... : the planner's Cluster fields, with its defaults
+CLUSTER_FLAGS = {f.name.replace("_", "-"): (int if f.type == "int" else float, f.default)
+                 for f in dataclasses.fields(Cluster)}
 GIB = 2 ** 30
 
 
@@ -46,13 +56,13 @@ def parse(argv: list[str]):
         path, argv = argv[0], argv[1:]
     overrides, flags = parse_overrides(argv)
     path = flags.pop("config", path)
-    known = set(CLUSTER_FLAGS) | {"top"}
+    known = set(CLUSTER_FLAGS) | {"top", "write"}
     for flag in flags:
         if flag not in known:
             raise ConfigError(f"unknown flag '--{flag}'. Known: --config, --json, --plan, "
                               f"{', '.join('--' + k for k in sorted(known))}; config keys "
                               f"look like --model.hidden_size=1024.")
-    values = {}
+    values = {"write": flags.get("write")}
     for flag, (kind, default) in {**CLUSTER_FLAGS, "top": (int, 10)}.items():
         try:
             values[flag] = kind(flags.get(flag, default))
@@ -69,15 +79,25 @@ def estimate_main(argv: list[str]) -> int:
         cfg.model.vocab_size, source = tokenizer_vocab_size(cfg)
         print(f"[megalite] vocabulary {cfg.model.vocab_size:,} from {source}", file=sys.stderr)
     if "plan" in switches:
-        cluster = Cluster(**{k.replace("-", "_"): v for k, v in values.items() if k != "top"})
-        plans = plan(prepare(cfg, check=False), cluster, values["top"])
+        cluster = Cluster(**{k.replace("-", "_"): v for k, v in values.items()
+                             if k in CLUSTER_FLAGS})
+        # layout keys given on the command line are kept; the planner chooses the others
+        only = {key: (layout_of(cfg)[key],) for key, _ in overrides if key in LAYOUT_KEYS}
+        plans = plan(prepare(cfg, check=False), cluster, values["top"], only)
         for p in plans:
             p["command"] = command_line(path, overrides, p["layout"], cluster)
+        if values["write"]:
+            target = Path(values["write"])
+            write_layout_file(target, layout_file_text(path, target, overrides, plans[0],
+                                                       cluster))
+            print(f"[megalite] wrote the fastest layout to {target}", file=sys.stderr)
         if "json" in switches:
             print(json.dumps({"cluster": vars(cluster), "plans": plans}, indent=1))
         else:
             print_plans(plans, cluster)
         return 0
+    if values["write"]:
+        raise ConfigError("--write FILE writes the layout --plan chooses; add --plan.")
     cfg = prepare(cfg)
     result = estimate(cfg)
     result["layout"] = layout_of(cfg)

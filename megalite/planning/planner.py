@@ -37,6 +37,7 @@ nodes. `only` restricts any layout key to given values (e.g. the features a pape
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -54,12 +55,13 @@ RECOMPUTE = ("none", "selective", "full")
 
 @dataclass(frozen=True)
 class Cluster:
-    gpus_per_node: int
-    nodes: int
-    gpu_memory_gb: float  # GiB per GPU
-    peak_tflops: float  # dense bf16/fp16 peak per GPU
-    intra_gbps: float  # GB/s per GPU inside a node (NVLink), one direction
-    inter_gbps: float  # GB/s per GPU between nodes (its NIC share), one direction
+    """The GPUs a plan is for; the defaults are nodes of 8 H100 SXM 80 GB."""
+    gpus_per_node: int = 8
+    nodes: int = 1
+    gpu_memory_gb: float = 80.0  # GiB per GPU
+    peak_tflops: float = 989.0  # dense bf16/fp16 peak per GPU
+    intra_gbps: float = 450.0  # GB/s per GPU inside a node (NVLink), one direction
+    inter_gbps: float = 50.0  # GB/s per GPU between nodes (its NIC share), one direction
     efficiency: float = 0.5  # fraction of the peak the matmuls reach
 
     @property
@@ -224,32 +226,60 @@ def layout_of(cfg: Config) -> dict:
             for key in LAYOUT_KEYS}
 
 
+def _sized(cfg: Config, cluster: Cluster, only: dict | None):
+    """(candidate, device bytes of its most loaded rank, host optimizer bytes per node)
+    of every candidate layout allowed by `only`."""
+    for candidate in candidates(cfg, cluster):
+        layout = layout_of(candidate)
+        if any(layout[key] not in allowed for key, allowed in (only or {}).items()):
+            continue
+        stages = [stage_memory(candidate, r, exact=False)
+                  for r in sorted({0, candidate.parallel.pp - 1})]
+        worst = max(stages, key=lambda st: st["memory_bytes"]["total"])
+        host = max(st["host_optimizer_bytes"] for st in stages) * cluster.gpus_per_node
+        yield candidate, worst["memory_bytes"], host
+
+
+def _no_fit(cfg: Config, cluster: Cluster, smallest, only) -> str:
+    """Why no layout fits: the least device memory any layout needs, and with the
+    optimizer in host memory (optim.offload=cpu) the device and host memory it needs."""
+    gib = 2 ** 30
+    gpus = f"{cluster.world} GPU{'s' if cluster.world > 1 else ''}"
+    need = (f"the smallest layout needs {smallest[0] / gib:.1f} GiB per GPU" if smallest
+            else "no layout divides the global batch")
+    text = (f"no layout of {gpus} fits the model in {cluster.gpu_memory_gb:g} GiB per GPU "
+            f"({USABLE_FRACTION:.0%} usable) with train.global_batch_size="
+            f"{cfg.train.global_batch_size}: {need}.")
+    if smallest and cfg.optim.offload == "none":
+        offloaded = copy.deepcopy(cfg)
+        offloaded.optim.offload = "cpu"
+        least = min(((m["total"], host) for _, m, host in _sized(offloaded, cluster, only)),
+                    default=None)
+        if least:
+            text += (f" With the optimizer in host memory (--optim.offload=cpu) it needs "
+                     f"{least[0] / gib:.1f} GiB per GPU and {least[1] / gib:.1f} GiB of host "
+                     f"memory per node.")
+    return text + (" Add nodes (--nodes), use GPUs with more memory (--gpu-memory-gb), or "
+                   "make the global batch a multiple of the GPU count.")
+
+
 def plan(cfg: Config, cluster: Cluster, top: int = 10, only: dict | None = None) -> list[dict]:
     """The `top` fitting layouts, fastest first: layout, memory per rank, step time, MFU.
     `only` maps layout keys (LAYOUT_KEYS) to the values allowed, e.g. {"parallel.zero": (0,)}."""
     cluster.check()
     budget = cluster.gpu_memory_gb * 2 ** 30 * USABLE_FRACTION
-    results = []
-    for candidate in candidates(cfg, cluster):
-        layout = layout_of(candidate)
-        if any(layout[key] not in allowed for key, allowed in (only or {}).items()):
-            continue
-        memory = max((stage_memory(candidate, r, exact=False)["memory_bytes"]
-                      for r in sorted({0, candidate.parallel.pp - 1})),
-                     key=lambda mem: mem["total"])
+    results, smallest = [], None
+    for candidate, memory, host in _sized(cfg, cluster, only):
+        smallest = min(smallest or (memory["total"], host), (memory["total"], host))
         if memory["total"] > budget:
             continue
         times = step_time(candidate, cluster)
         model_flops = flops(candidate)["flops_per_iteration"]
         mfu = model_flops / (times["total"] * cluster.world * cluster.peak_tflops * 1e12)
-        results.append({"layout": layout, "memory_bytes": memory,
+        results.append({"layout": layout_of(candidate), "memory_bytes": memory,
                         "step_time": times, "mfu": mfu})
     if not results:
-        raise ConfigError(f"no layout of {cluster.world} GPUs fits the model in "
-                          f"{cluster.gpu_memory_gb} GiB per GPU with "
-                          f"train.global_batch_size={cfg.train.global_batch_size}: add "
-                          f"nodes (--nodes), use GPUs with more memory (--gpu-memory-gb), "
-                          f"or make the global batch a multiple of the GPU count.")
+        raise ConfigError(_no_fit(cfg, cluster, smallest, only))
     results.sort(key=lambda r: r["step_time"]["total"])
     return results[:top]
 

@@ -110,11 +110,17 @@ def _layout(cfg: Config, pp_rank: int, exact: bool) -> dict:
     p = cfg.parallel
     n, _ = zero_groups(cfg)  # zero.py lays its buckets out over the shard group
     if not exact:
-        rest = sum(k for _, k in rank_params(cfg, pp_rank, blocks=False))
-        block = sum(_block_params(cfg.model, p.tp))
+        rest_sizes = [k for _, k in rank_params(cfg, pp_rank, blocks=False)]
+        block_sizes = _block_params(cfg.model, p.tp)
+        rest, block = sum(rest_sizes), sum(block_sizes)
         psi = rest + block * sum(len(chunk) for chunk in stage_layers(cfg, pp_rank))
+        # ZeRO 3 buckets are its units (the rest, then each block), whatever bucket_mb;
+        # otherwise a bucket holds whole tensors: one larger than bucket_mb is its own
+        bucket_numel = p.bucket_mb * 2 ** 20 / BYTES[cfg.train.grad_dtype]
+        largest = (max(rest, block) if p.zero == 3 else
+                   min(psi, max(bucket_numel, *rest_sizes, *block_sizes)))
         return {"psi": psi, "total": psi, "shard": psi / n, "rest": rest, "block": block,
-                "largest_bucket": min(psi, p.bucket_mb * 2 ** 20 / 4)}
+                "largest_bucket": largest}
     shapes = rank_params(cfg, pp_rank)
     params = [(i, _Numel(k)) for i, k in shapes]
     order = [q for _, q in reversed(params)]
