@@ -1,12 +1,18 @@
 """Tokenize a corpus into the token files training reads.
 
     python tools/prepare_data.py data/ --tokenizer prep/tok.model --out prep/mydata
+    python tools/prepare_data.py shards/ --text-field content --tokenizer tokenizer.json --out prep/web
     python tools/prepare_data.py data/ --vocab-size 8192 --out prep/mydata
     python tools/prepare_data.py [--config configs/tiny.yaml] [--section.key=value ...]
 
 The first form uses an existing tokenizer; the second also trains one
 (OUT.tokenizer.model) on the same inputs; the third, with no inputs, prepares the
 embedded default corpus of a config into its cache (what ./launch.sh does first).
+Inputs: text files (.txt/.py/.md, one document each) and record shards (.jsonl,
+.jsonl.gz, .jsonl.zst, .parquet, one document per record in --text-field), or folders
+of them. It streams (memory stays bounded whatever the corpus size), shows a progress
+bar and ends with a summary: documents, tokens, MB/s of text and tokens/s. The token
+files are the same whatever the input format and the number of workers.
 Use the prefix in a config as `data.paths: [OUT]` (or weighted: [0.7, A, 0.3, B]).
 """
 
@@ -45,16 +51,21 @@ def _run(args, rest) -> tuple[dict, str]:
     tokenizer = args.tokenizer
     if not tokenizer:
         tokenizer = train_tokenizer(args.inputs, f"{args.out}.tokenizer", args.vocab_size,
-                                    num_threads=max(1, args.workers))
+                                    num_threads=max(1, args.workers),
+                                    text_field=args.text_field)
         print(f"trained tokenizer {tokenizer}")
     summary = prepare(args.inputs, tokenizer, args.out, val_fraction=args.val_fraction,
-                      workers=args.workers, seed=args.seed)
+                      workers=args.workers, seed=args.seed, text_field=args.text_field,
+                      progress=True)
     return summary, args.out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="*", help=".txt/.py/.md/.jsonl files or directories")
+    parser.add_argument("inputs", nargs="*", help="text files, .jsonl[.gz|.zst] or .parquet "
+                                                   "shards, or folders of them")
+    parser.add_argument("--text-field", default="text",
+                        help="the JSON field or Parquet column that holds each document")
     parser.add_argument("--out", help="output prefix: OUT.{train,val}.bin, OUT.json, ...")
     parser.add_argument("--tokenizer", help="sentencepiece .model (default: train one)")
     parser.add_argument("--vocab-size", type=int, default=4096,
@@ -70,13 +81,15 @@ def main(argv=None) -> int:
     except MegaliteError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    seconds = max(time.time() - start, 1e-9)
+    tokens = summary["train_tokens"] + summary["val_tokens"]
     print(f"prepared {prefix}: {summary['documents']} documents "
           f"({summary['train_documents']} train, {summary['val_documents']} val), "
-          f"{summary['train_tokens'] + summary['val_tokens']} tokens "
-          f"({summary['train_tokens']} train, {summary['val_tokens']} val), "
+          f"{tokens} tokens ({summary['train_tokens']} train, {summary['val_tokens']} val), "
           f"vocab {summary['vocab_size']} ({summary['dtype']})\n"
           f"skipped non-UTF-8 files: {summary['skipped_files']}\n"
-          f"time: {time.time() - start:.1f} s")
+          f"time: {seconds:.1f} s, {summary.get('text_bytes', 0) / 2**20 / seconds:.2f} MB/s "
+          f"of text, {tokens / seconds:,.0f} tokens/s with {args.workers} worker(s)")
     for path in summary["skipped"][:10]:
         print(f"  skipped {path}")
     return 0

@@ -3,26 +3,28 @@
 The default corpus is the running Python's standard library (its .py sources), so
 the default run needs no download and is the same on every machine with the same
 Python. `iter_documents` turns user inputs (text files, directories, Megatron-style
-.jsonl) into a deterministic stream of documents; tokenizer training and data
+JSON lines, plain or compressed, and Parquet shards) into a deterministic stream of
+documents; tokenizer training and data
 preparation both read through it so they see exactly the same text.
 """
 
 from __future__ import annotations
 
 import codecs
-import json
 import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from megalite.data import records
+from megalite.data.records import RECORD_SUFFIXES, record_format
 from megalite.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 JSONL_SUFFIX = ".jsonl"
 JSONL_FIELD = "text"
-READ_CHUNK_BYTES = 16 << 20
+READ_CHUNK_BYTES = 1 << 20  # the UTF-8 check of a file reads this much at a time
 # Directory names inside the stdlib that hold tests or third-party packages: tests are
 # full of deliberately odd encodings and generated data, packages differ per machine.
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
@@ -34,6 +36,7 @@ class CorpusStats:
     """Counts gathered while reading; the summary of prepare/train reports them."""
 
     documents: int = 0
+    text_bytes: int = 0  # UTF-8 bytes of the documents yielded
     skipped_files: list[str] = field(default_factory=list)
 
     @property
@@ -97,60 +100,37 @@ def _is_text_file(path: Path) -> bool:
 
 
 def _expand(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files named directly, then the text/jsonl files under each directory, sorted."""
+    """Files named directly, then the text and record files under each directory, sorted."""
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            suffixes = TEXT_SUFFIXES + (JSONL_SUFFIX,)
-            yield from sorted(p for p in path.rglob("*")
-                              if p.is_file() and p.suffix in suffixes)
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and (
+                p.suffix in TEXT_SUFFIXES or record_format(p)))
         elif path.is_file():
             yield path
         else:
             raise DataError(f"input '{path}' does not exist. Pass existing files or "
-                            f"directories (.txt, .py, .md, .jsonl).")
+                            f"directories ({', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)}).")
 
 
-def _jsonl_documents(path: Path) -> Iterator[tuple[str, str]]:
-    """One document per line; streamed, so a jsonl file may be larger than memory.
-
-    Lines end at "\n" only: a raw U+2028 or U+0085 inside a JSON string is not a break.
-    """
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}). Each line of a "
-                                f".jsonl file must be one JSON object like "
-                                f'{{"{JSONL_FIELD}": "..."}}; fix or remove the line.') from None
-            if not isinstance(record, dict) or not isinstance(record.get(JSONL_FIELD), str):
-                raise DataError(f"{path}:{lineno}: the JSON object has no string field "
-                                f"'{JSONL_FIELD}'. Each line must look like "
-                                f'{{"{JSONL_FIELD}": "..."}}; fix or remove the line.')
-            yield f"{path}:{lineno}", record[JSONL_FIELD]
-
-
-def iter_documents(paths: Iterable[str | Path],
-                   stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:
+def iter_documents(paths: Iterable[str | Path], stats: CorpusStats | None = None,
+                   text_field: str = JSONL_FIELD) -> Iterator[tuple[str, str]]:
     """Yield (source_name, text) for every document in paths, in a fixed order.
 
-    A text file is one document; a .jsonl file holds one document per line in its
-    "text" field (as Megatron's preprocess_data.py). Files that are not UTF-8 text are
-    skipped and recorded in `stats`; empty documents are dropped because they carry
-    no tokens.
+    A text file is one document; a record file (.jsonl, .jsonl.gz, .jsonl.zst, .parquet:
+    data/records.py) holds one document per record in its `text_field` ("text", as
+    Megatron's preprocess_data.py). Files that are not UTF-8 text are skipped and
+    recorded in `stats`; empty documents are dropped because they carry no tokens.
     """
     stats = stats if stats is not None else CorpusStats()
     for path in _expand(paths):
-        if path.suffix == JSONL_SUFFIX:
-            # Checked before the first line is used: a skipped file yields nothing.
-            if not _is_text_file(path):
+        if record_format(path):
+            # A plain .jsonl is checked before its first line is used: a skipped file
+            # yields nothing. Compressed and Parquet shards check each record instead.
+            if record_format(path) == JSONL_SUFFIX and not _is_text_file(path):
                 stats.skipped_files.append(str(path))
                 continue
-            docs = _jsonl_documents(path)
+            docs = records.documents(path, text_field)
         else:
             text = _decode_text(path.read_bytes())
             if text is None:
@@ -160,4 +140,5 @@ def iter_documents(paths: Iterable[str | Path],
         for name, doc in docs:
             if doc:
                 stats.documents += 1
+                stats.text_bytes += len(doc.encode("utf-8"))
                 yield name, doc

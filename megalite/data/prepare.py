@@ -17,10 +17,12 @@ leaves files that look complete.
 
 from __future__ import annotations
 
+import array
 import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -89,7 +91,7 @@ class _SplitWriter:
     def __init__(self, path: Path):
         self.tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         self.file = open(self.tmp, "wb")
-        self.starts: list[int] = []
+        self.starts = array.array("q")  # 8 bytes per document, not a Python int each
         self.tokens = 0
 
     def add(self, ids: np.ndarray) -> None:
@@ -105,9 +107,30 @@ def _write_npy(path: Path, array: np.ndarray) -> Path:
     return tmp
 
 
+def _with_progress(documents: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """The documents, counted in a progress bar of text bytes on stderr (tqdm)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("[megalite] pip install tqdm for a progress bar (or pip install -e .[data])",
+              file=sys.stderr)
+        yield from documents
+        return
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
+              file=sys.stderr, mininterval=1.0) as bar:
+        for name, text in documents:
+            bar.update(len(text.encode("utf-8")))
+            yield name, text
+
+
 def prepare(inputs: Sequence[str | Path], tokenizer_path: str | Path, out_prefix: str | Path,
-            val_fraction: float = 0.02, workers: int = 2, seed: int = 0) -> dict:
+            val_fraction: float = 0.02, workers: int = 2, seed: int = 0,
+            text_field: str = "text", progress: bool = False) -> dict:
     """Tokenize the documents in `inputs` into train/val token files at `out_prefix`.
+
+    `text_field`: the field (JSON lines) or column (Parquet) that holds the text;
+    `progress`: a progress bar on stderr. Streams: memory stays bounded by the batches
+    in flight, whatever the corpus size.
 
     Each document goes to val with probability val_fraction, drawn from a generator
     seeded by `seed` in document order. The decision for the last document waits until
@@ -125,7 +148,8 @@ def prepare(inputs: Sequence[str | Path], tokenizer_path: str | Path, out_prefix
     temporaries = {f"{split}.bin": writers[split].tmp for split in SPLITS}
     stats = CorpusStats()
     rng = np.random.default_rng(seed)
-    texts = (text for _, text in iter_documents(inputs, stats))
+    documents = iter_documents(inputs, stats, text_field)
+    texts = (text for _, text in (_with_progress(documents) if progress else documents))
     encoded = _encoded(texts, tokenizer.path, workers)
     pending = None
     try:
@@ -168,11 +192,13 @@ def prepare(inputs: Sequence[str | Path], tokenizer_path: str | Path, out_prefix
         "train_documents": len(writers["train"].starts),
         "val_documents": len(writers["val"].starts),
         "documents": stats.documents,
+        "text_bytes": stats.text_bytes,
         "skipped_files": stats.skipped,
         "skipped": stats.skipped_files,
         "tokenizer": str(Path(tokenizer_path).resolve()),
         "tokenizer_sha256": file_sha256(tokenizer_path),
         "inputs": [str(p) for p in inputs],
+        "text_field": text_field,
         "val_fraction": val_fraction,
         "seed": seed,
         "seconds": round(time.time() - start, 3),

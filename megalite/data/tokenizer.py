@@ -63,7 +63,8 @@ def _sentences(documents: Iterable[tuple[str, str]], max_sentence_bytes: int,
 
 def train_tokenizer(files: Sequence[str | Path], model_prefix: str | Path, vocab_size: int,
                     max_sentence_bytes: int = 4096, max_train_bytes: int = 32 << 20,
-                    num_threads: int = 2, stats: CorpusStats | None = None) -> Path:
+                    num_threads: int = 2, stats: CorpusStats | None = None,
+                    text_field: str = "text") -> Path:
     """Train a lossless sentencepiece BPE model on the documents in `files`.
 
     Writes `{model_prefix}.model` atomically (temporary name, then rename) and returns
@@ -77,7 +78,7 @@ def train_tokenizer(files: Sequence[str | Path], model_prefix: str | Path, vocab
     stats = stats if stats is not None else CorpusStats()
     # Read up front (bounded by max_train_bytes): an input error raised inside
     # sentencepiece's iterator would come back as an opaque RuntimeError.
-    sentences = list(_sentences(iter_documents(files, stats), max_sentence_bytes,
+    sentences = list(_sentences(iter_documents(files, stats, text_field), max_sentence_bytes,
                                 max_train_bytes))
     if not sentences:
         raise DataError(f"no text to train a tokenizer on in {[str(f) for f in files]} "
