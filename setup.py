@@ -19,7 +19,7 @@ setup(
     ],
     # Optional: megalite runs without them and says which to install when one is needed.
     # launch.sh's environment (tools/env.sh) has them all, so every README command runs.
-    extras_require={"dev": ["pytest", "transformers"], "viz": ["matplotlib"],
+    extras_require={"dev": ["pytest", "transformers"], "viz": ["matplotlib", "tensorboard"],
                     "data": ["pyarrow", "zstandard", "tqdm"]},
     entry_points={"console_scripts": ["megalite-train=megalite.train:main"]},
 )

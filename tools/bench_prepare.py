@@ -3,7 +3,7 @@
     python tools/bench_prepare.py [--mb 1024] [--workers 1,2] [--format jsonl] [--record]
 
 Generates a corpus of about --mb MB (JSON lines of 400 words drawn from a fixed 3,000-word
-list, seeded: the same corpus on every machine) in a temporary folder, trains a 4,096
+list: 8,192 such documents repeated in a seeded order, the same corpus on every machine) in a temporary folder, trains a 4,096
 piece tokenizer on its first 32 MB, then runs tools/prepare_data.py on it with each
 worker count, as users run it, and prints a table: seconds, MB/s of text, tokens/s and
 the peak resident memory of the main process (which reads, splits and writes; the
@@ -28,11 +28,16 @@ sys.path.insert(0, str(ROOT))
 WORDS = [f"w{i}" for i in range(3000)] + ["the", "of", "and", "def", "return"]
 
 
+POOL_DOCUMENTS = 8192  # distinct documents, repeated in a seeded order up to the size
+
+
 def generate(path: Path, megabytes: float, kind: str) -> int:
     """Write the corpus; returns its text bytes."""
-    rng, texts, total = random.Random(0), [], 0
+    rng = random.Random(0)
+    pool = [" ".join(rng.choices(WORDS, k=400)) for _ in range(POOL_DOCUMENTS)]
+    texts, total = [], 0
     while total < megabytes * 2 ** 20:
-        texts.append(" ".join(rng.choices(WORDS, k=400)))
+        texts.append(pool[rng.randrange(POOL_DOCUMENTS)])
         total += len(texts[-1])
     if kind == "parquet":
         import pyarrow as pa

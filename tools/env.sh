@@ -4,8 +4,8 @@
 # site-packages) instead of downloading another; otherwise `pip install torch==2.13.0`
 # runs, which on our CPU machines takes the local CPU wheel. Set MEGALITE_TORCH to
 # another pip spec (or PIP_INDEX_URL to PyTorch's CPU index) on other machines. The
-# optional extras come too (plots, Parquet and compressed corpora, progress bars): the
-# package runs without them, the project's commands and tests use them.
+# optional extras come too (plots, TensorBoard, Parquet and compressed corpora, progress
+# bars): the package runs without them, the project's commands and tests use them.
 megalite_env() {
   local root venv stamp want py
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
