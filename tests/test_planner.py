@@ -101,11 +101,7 @@ def test_cli_json_and_errors():
 
 
 def test_cli_errors_and_plan(capsys):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import estimate as tool
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    tool = estimate_tool()
     from megalite.cli import parse_args, run_main
     for argv, names in ((["configs/tiny.yaml", "--write", "x.yaml"], "add --plan"),
                         (["configs/tiny.yaml", "--model.vocab_size=64", "--parallel.tp=5"],
@@ -135,17 +131,29 @@ def test_command_line_keeps_overrides_and_env():
         in line and "--parallel.tp=1" not in line
 
 
+def estimate_tool():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import estimate as tool
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return tool
+
+
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT / "configs"))
                                           for p in (ROOT / "configs").rglob("*.yaml")))
-def test_every_config_estimates(config, tmp_path):
+def test_every_config_estimates(config, tmp_path, capsys):
     """Without model.vocab_size (tiny, default) the default tokenizer, not trained in this
     empty cache, gives data.vocab_size, the size it is trained to; presets give theirs."""
-    done = run_tool(f"configs/{config}", f"--data.cache_dir={tmp_path}", "--json")
-    assert done.returncode == 0, done.stderr
+    from megalite.cli import run_main
+    code = run_main(estimate_tool().estimate_main,
+                    [f"configs/{config}", f"--data.cache_dir={tmp_path}", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     cfg = load_config(ROOT / "configs" / config)
     if not cfg.model.vocab_size:
-        assert f"vocabulary {cfg.data.vocab_size:,} from data.vocab_size" in done.stderr
-    assert json.loads(done.stdout)["param_count"] > 0
+        assert f"vocabulary {cfg.data.vocab_size:,} from data.vocab_size" in err
+    assert json.loads(out)["param_count"] > 0
 
 
 def test_the_estimate_reads_a_trained_tokenizer(launch_cache, tmp_path):
