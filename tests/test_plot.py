@@ -1,6 +1,7 @@
 """tools/plot.py: PNGs from a run's metrics.jsonl, and the errors a user can hit."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,18 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(plot.PlotError, match=r"pip install matplotlib"):
         plot.plot_run(tmp_path, tmp_path / "plots")
     assert not (tmp_path / "plots").exists()
+
+
+def test_another_python_runs_the_tool_in_the_project_env(tmp_path):
+    """`python tools/plot.py` typed in a shell whose python is not .venv's (no torch, no
+    matplotlib there): the tool starts again under .venv's (tools/project_python.py)."""
+    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
+        pytest.skip("the suite runs outside the project's .venv (./test.sh makes it)")
+    base = Path(sys.base_prefix) / "bin" / "python3"  # the interpreter .venv was made from
+    fake_run(tmp_path, steps=3)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MEGALITE_ANY_PYTHON")}
+    done = subprocess.run([str(base), str(REPO / "tools" / "plot.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "plots" / "loss.png").is_file()

@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before the imports that need the project's Python
+    from tools.project_python import use_project_python
+    use_project_python()
 
 import torch  # noqa: E402
 

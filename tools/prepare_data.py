@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before the imports that need the project's Python
+    from tools.project_python import use_project_python
+    use_project_python()
 
 from megalite.cli import parse_overrides  # noqa: E402
 from megalite.config import load_config  # noqa: E402

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before the imports that need the project's Python
+    from tools.project_python import use_project_python
+    use_project_python()
 
 from megalite.checkpoint.format import find_checkpoint  # noqa: E402
 from megalite.cli import run_main  # noqa: E402

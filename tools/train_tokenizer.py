@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":  # before the imports that need the project's Python
+    from tools.project_python import use_project_python
+    use_project_python()
 
 from megalite.data.corpus import CorpusStats  # noqa: E402
 from megalite.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
