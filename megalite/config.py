@@ -5,8 +5,9 @@ data, checkpoint, log, run). `load_config` reads a YAML file (or the embedded
 defaults) and the files it builds on (a top-level `base: other.yaml`, relative to the
 file: a model's dimensions written once, layouts on top), applies command-line
 overrides, converts every value to the field's type and validates the combination
-(config_checks.py), so that a mistake fails before any work starts with a `ConfigError` that names the key, the value and the fix. In two
-halves where the number of ranks is not known yet (the preflight): `read_config`, then
+(config_checks.py), so that a mistake fails before any work starts with a
+`ConfigError` that names the key, the value and the fix. In two halves where the
+number of ranks is not known yet (the preflight): `read_config`, then
 `finish_config(cfg, world_size)`, which decides parallel.dp=auto. `resolve` fills the
 values left to "auto" (sizes from the model preset and the tokenizer) so the config
 written to the run directory is concrete.
@@ -33,7 +34,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 # resolve() decides "auto", so code downstream only ever sees a bool.
 AutoBool = "bool | auto"
 # A count that may be left "auto": parallel.dp, which the number of ranks started decides
-# (resolve_world); after load_config it is an int.
+# (finish_config); after load_config it is an int.
 AutoInt = "int | auto"
 
 

@@ -24,6 +24,7 @@ from megalite.cli import run_main, split_args
 from megalite.config import Config, finish_config, read_config
 from megalite.errors import ConfigError
 from megalite.parallel.cluster import Launch, launch_from_env, torchrun_args
+from megalite.parallel.launch import device_type
 
 
 def ranks_per_node(cfg: Config, launch: Launch) -> int:
@@ -36,22 +37,21 @@ def ranks_per_node(cfg: Config, launch: Launch) -> int:
                           f"--parallel.dp=auto (world / (tp x pp x sp)).")
     if launch.nproc_per_node:
         nproc = launch.nproc_per_node
-        if p.dp != "auto" and nproc * launch.max_nodes != p.tp * p.pp * p.dp * p.sp:
+        if p.dp != "auto" and nproc * launch.max_nodes != cfg.world_size:
             raise ConfigError(
                 f"NPROC_PER_NODE={nproc} x NNODES={launch.max_nodes} = "
                 f"{nproc * launch.max_nodes} ranks, but the config's tp*pp*dp*sp is "
-                f"{p.tp * p.pp * p.dp * p.sp}; change the layout or the launch, or give "
+                f"{cfg.world_size}; change the layout or the launch, or give "
                 f"--parallel.dp=auto.")
         return nproc
     if p.dp != "auto":
-        world = p.tp * p.pp * p.dp * p.sp
-        if world % launch.max_nodes:
-            raise ConfigError(f"the config's tp*pp*dp*sp = {world} ranks do not split over "
-                              f"NNODES={launch.max_nodes} nodes; set NPROC_PER_NODE or "
+        if cfg.world_size % launch.max_nodes:
+            raise ConfigError(f"the config's tp*pp*dp*sp = {cfg.world_size} ranks do not split "
+                              f"over NNODES={launch.max_nodes} nodes; set NPROC_PER_NODE or "
                               f"change the layout.")
-        return world // launch.max_nodes
-    import torch
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        return cfg.world_size // launch.max_nodes
+    if device_type(cfg) == "cuda":
+        import torch
         return torch.cuda.device_count()
     raise ConfigError("parallel.dp=auto on CPU: set NPROC_PER_NODE to the number of ranks "
                       "to start on this node (dp is then world / (tp x pp x sp)).")

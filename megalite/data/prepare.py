@@ -107,8 +107,10 @@ def _write_npy(path: Path, array: np.ndarray) -> Path:
     return tmp
 
 
-def _with_progress(documents: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
-    """The documents, counted in a progress bar of text bytes on stderr (tqdm)."""
+def _with_progress(documents: Iterator[tuple[str, str]], stats: CorpusStats
+                   ) -> Iterator[tuple[str, str]]:
+    """The documents, with a progress bar on stderr (tqdm) of the text bytes `stats`
+    counts as iter_documents yields them."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -118,9 +120,9 @@ def _with_progress(documents: Iterator[tuple[str, str]]) -> Iterator[tuple[str, 
         return
     with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing",
               file=sys.stderr, mininterval=1.0) as bar:
-        for name, text in documents:
-            bar.update(len(text.encode("utf-8")))
-            yield name, text
+        for document in documents:
+            bar.update(stats.text_bytes - bar.n)
+            yield document
 
 
 def prepare(inputs: Sequence[str | Path], tokenizer_path: str | Path, out_prefix: str | Path,
@@ -149,7 +151,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer_path: str | Path, out_prefix
     stats = CorpusStats()
     rng = np.random.default_rng(seed)
     documents = iter_documents(inputs, stats, text_field)
-    texts = (text for _, text in (_with_progress(documents) if progress else documents))
+    texts = (text for _, text in (_with_progress(documents, stats) if progress else documents))
     encoded = _encoded(texts, tokenizer.path, workers)
     pending = None
     try:

@@ -59,6 +59,17 @@ def _one_request_per_window(window_s: float) -> None:
     elastic_api._terminate_process_handler = handler
 
 
+def _causes(failures: dict) -> dict:
+    """The failures that caused the run to fail: torchrun stops the other workers with
+    SIGTERM once one failed, and those are not causes (unless nothing else failed)."""
+    return {rank: f for rank, f in failures.items() if f.exitcode != -signal.SIGTERM} or \
+        failures
+
+
+def _user_errors_only(failures: dict) -> bool:
+    return all(f.exitcode == USER_ERROR for f in _causes(failures).values())
+
+
 def _no_restart_after_user_errors() -> None:
     """Wrap the agent's check of its workers: a failure of user errors only leaves it no
     restarts, so it stops the run as after the last one."""
@@ -67,8 +78,7 @@ def _no_restart_after_user_errors() -> None:
 
     def watched(self, worker_group):
         result = monitor(self, worker_group)
-        if result.is_failed() and result.failures and all(
-                f.exitcode == USER_ERROR for f in result.failures.values()):
+        if result.is_failed() and result.failures and _user_errors_only(result.failures):
             self._remaining_restarts = 0
         return result
 
@@ -108,17 +118,14 @@ def _describe(code: int) -> str:
 
 def report_failure(error) -> int:
     failures = sorted(error.failures.items())
-    # torchrun stops the other workers with SIGTERM once one failed: those are not causes
-    causes = {rank for rank, f in failures if f.exitcode != -signal.SIGTERM} or \
-        {rank for rank, _ in failures}
+    causes = _causes(error.failures)
     lines = [f"[megalite] the run failed: rank {rank} "
              + (_describe(f.exitcode) if rank in causes else
                 "was stopped by torchrun after that failure")
              + ("" if rank == 0 or rank not in causes else _log_tail(rank))
              for rank, f in failures]
     print("\n".join(lines), file=sys.stderr, flush=True)
-    user = all(f.exitcode == USER_ERROR for rank, f in failures if rank in causes)
-    return USER_ERROR if user else 1
+    return USER_ERROR if _user_errors_only(error.failures) else 1
 
 
 def main(argv: list[str]) -> int:

@@ -25,14 +25,12 @@ def layout_file_text(source: Path | None, target: Path, overrides: list[tuple[st
     """The YAML text of `chosen` (a plan: layout, memory_bytes, step_time, mfu) for
     `source` (None: the default config), to be written at `target`."""
     source = Path(source) if source else DEFAULT_CONFIG
+    values = {key: yaml.safe_load(v) if isinstance(v, str) and v.strip() else v
+              for key, v in overrides}
+    values.update(chosen["layout"])  # the planner's choice over a layout key given
     sections: dict[str, dict] = {}
-    layout = chosen["layout"]
-    for key, value in [*overrides, *layout.items()]:
+    for key, value in values.items():
         section, name = key.split(".", 1)
-        if key in layout:
-            value = layout[key]
-        elif isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip() else value
         sections.setdefault(section, {})[name] = value
     start = (f"sbatch --nodes={cluster.nodes} examples/slurm.sbatch {target}"
              if cluster.nodes > 1 else f"./launch.sh {target}")
@@ -46,9 +44,9 @@ def layout_file_text(source: Path | None, target: Path, overrides: list[tuple[st
         f"rank) and {times['total']:.2f} s per step (pipeline bubble {times['bubble']:.2f} s), "
         f"MFU {chosen['mfu']:.0%}, at {cluster.peak_tflops:g} TFLOP/s per GPU and "
         f"{cluster.efficiency:.0%} kernel efficiency.", width=86)
-    planned = " ".join(["python tools/estimate.py", str(source), *(f"--{k}={v}" for k, v in overrides),
-                        f"--plan --gpus-per-node {cluster.gpus_per_node} --nodes {cluster.nodes}",
-                        f"--write {target}"])
+    planned = " ".join(["python tools/estimate.py", str(source),
+                        *(f"--{k}={v}" for k, v in overrides), "--plan --gpus-per-node",
+                        f"{cluster.gpus_per_node} --nodes {cluster.nodes} --write {target}"])
     header += ["Planned by:", f"  {planned}", "Start:", f"  {start}"]
     base = os.path.relpath(source.resolve(), target.resolve().parent)
     body = yaml.safe_dump({"base": base, **sections}, sort_keys=False)

@@ -227,8 +227,8 @@ def layout_of(cfg: Config) -> dict:
 
 
 def _sized(cfg: Config, cluster: Cluster, only: dict | None):
-    """(candidate, device bytes of its most loaded rank, host optimizer bytes per node)
-    of every candidate layout allowed by `only`."""
+    """(candidate, its layout, device bytes of its most loaded rank, host optimizer bytes
+    per node) of every candidate layout allowed by `only`."""
     for candidate in candidates(cfg, cluster):
         layout = layout_of(candidate)
         if any(layout[key] not in allowed for key, allowed in (only or {}).items()):
@@ -237,7 +237,7 @@ def _sized(cfg: Config, cluster: Cluster, only: dict | None):
                   for r in sorted({0, candidate.parallel.pp - 1})]
         worst = max(stages, key=lambda st: st["memory_bytes"]["total"])
         host = max(st["host_optimizer_bytes"] for st in stages) * cluster.gpus_per_node
-        yield candidate, worst["memory_bytes"], host
+        yield candidate, layout, worst["memory_bytes"], host
 
 
 def _no_fit(cfg: Config, cluster: Cluster, smallest, only) -> str:
@@ -245,7 +245,7 @@ def _no_fit(cfg: Config, cluster: Cluster, smallest, only) -> str:
     optimizer in host memory (optim.offload=cpu) the device and host memory it needs."""
     gib = 2 ** 30
     gpus = f"{cluster.world} GPU{'s' if cluster.world > 1 else ''}"
-    need = (f"the smallest layout needs {smallest[0] / gib:.1f} GiB per GPU" if smallest
+    need = (f"the smallest layout needs {smallest / gib:.1f} GiB per GPU" if smallest
             else "no layout divides the global batch")
     text = (f"no layout of {gpus} fits the model in {cluster.gpu_memory_gb:g} GiB per GPU "
             f"({USABLE_FRACTION:.0%} usable) with train.global_batch_size="
@@ -253,7 +253,7 @@ def _no_fit(cfg: Config, cluster: Cluster, smallest, only) -> str:
     if smallest and cfg.optim.offload == "none":
         offloaded = copy.deepcopy(cfg)
         offloaded.optim.offload = "cpu"
-        least = min(((m["total"], host) for _, m, host in _sized(offloaded, cluster, only)),
+        least = min(((m["total"], host) for *_, m, host in _sized(offloaded, cluster, only)),
                     default=None)
         if least:
             text += (f" With the optimizer in host memory (--optim.offload=cpu) it needs "
@@ -269,14 +269,14 @@ def plan(cfg: Config, cluster: Cluster, top: int = 10, only: dict | None = None)
     cluster.check()
     budget = cluster.gpu_memory_gb * 2 ** 30 * USABLE_FRACTION
     results, smallest = [], None
-    for candidate, memory, host in _sized(cfg, cluster, only):
-        smallest = min(smallest or (memory["total"], host), (memory["total"], host))
+    for candidate, layout, memory, _ in _sized(cfg, cluster, only):
+        smallest = min(smallest or memory["total"], memory["total"])
         if memory["total"] > budget:
             continue
         times = step_time(candidate, cluster)
         model_flops = flops(candidate)["flops_per_iteration"]
         mfu = model_flops / (times["total"] * cluster.world * cluster.peak_tflops * 1e12)
-        results.append({"layout": layout_of(candidate), "memory_bytes": memory,
+        results.append({"layout": layout, "memory_bytes": memory,
                         "step_time": times, "mfu": mfu})
     if not results:
         raise ConfigError(_no_fit(cfg, cluster, smallest, only))
